@@ -1,0 +1,19 @@
+"""skmetavi: meta-learned divergences for variational inference, with a scikit-learn API."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from skmetavi.divergences import KL, FDivergence, NeuralF, Renyi, TailAdaptive
+from skmetavi.estimators import MetaDivergenceVI
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "KL",
+    "FDivergence",
+    "MetaDivergenceVI",
+    "NeuralF",
+    "Renyi",
+    "TailAdaptive",
+    "__version__",
+]

@@ -1,0 +1,8 @@
+"""scikit-learn estimators built on the bilevel engine."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from skmetavi.estimators._divergence_vi import MetaDivergenceVI
+
+__all__ = ["MetaDivergenceVI"]

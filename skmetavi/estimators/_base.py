@@ -1,0 +1,440 @@
+"""Shared machinery of the meta-VI estimators: constraints, meta_fit / fit templates.
+
+Public methods validate with scikit-learn's utilities, cross into torch once
+(:mod:`skmetavi._torch`), call the engine (:mod:`skmetavi._bilevel`) and cross
+back.  Fitted state lives on the CPU so that estimators pickle anywhere.
+"""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import copy
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d
+
+from skmetavi import _torch
+from skmetavi._bilevel import (
+    GRADIENT_MODES,
+    CallableMetaLoss,
+    MetaTrainer,
+    PredictiveNLL,
+    Problem,
+    QuadratureLoss,
+    run_vi,
+)
+from skmetavi._optim import INNER_OPTIMIZERS, make_optimizer
+from skmetavi._tasks import pad_tasks
+from skmetavi.divergences import DIVERGENCE_NAMES, Divergence, make_divergence
+
+META_LOSS_NAMES = ("auto", "d_half", "tv", "nll")
+
+
+def _progress(total, verbose, desc):
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def check_groups(groups, n_samples, *, min_tasks=2):
+    """Validate ``groups`` and return ``(labels, list of row-index arrays)``."""
+    if groups is None:
+        raise ValueError(
+            "meta_fit needs groups: an array of shape (n_samples,) giving the task "
+            "of each row (rows with the same label form one task)."
+        )
+    groups = column_or_1d(groups, warn=True)
+    if groups.shape[0] != n_samples:
+        raise ValueError(
+            f"groups has {groups.shape[0]} entries but X has {n_samples} rows; give one "
+            "task label per row."
+        )
+    if groups.dtype.kind == "f" and not np.isfinite(groups).all():
+        raise ValueError("groups contains NaN or inf; every row needs a finite task label.")
+    if groups.dtype.kind not in "biufUSO":
+        raise TypeError(f"groups must hold integer or string labels, got dtype {groups.dtype}.")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    if labels.shape[0] < min_tasks:
+        raise ValueError(
+            f"meta_fit needs at least {min_tasks} tasks (distinct groups), got "
+            f"{labels.shape[0]}. Meta-learning a divergence needs a family of related "
+            "tasks; to adapt to a single task use fit."
+        )
+    index = [np.flatnonzero(inverse == i) for i in range(labels.shape[0])]
+    return labels, index
+
+
+class _BaseMetaVI(BaseEstimator):
+    """Common parameters, meta_fit/fit templates and fitted-state handling.
+
+    Subclasses define ``_make_target``, ``_validate_task_data`` and may
+    override the hooks below.
+    """
+
+    _parameter_constraints: dict = {
+        "divergence": [StrOptions(set(DIVERGENCE_NAMES)), HasMethods(["particle_weights"])],
+        "n_particles": [Interval(Integral, 1, None, closed="left")],
+        "inner_optimizer": [StrOptions(set(INNER_OPTIMIZERS))],
+        "inner_lr": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "meta_lr": [Interval(Real, 0, None, closed="neither")],
+        "init_lr": [Interval(Real, 0, None, closed="neither")],
+        "max_meta_iter": [Interval(Integral, 1, None, closed="left")],
+        "n_inner_steps": [Interval(Integral, 1, None, closed="left")],
+        "n_tasks_per_batch": [Interval(Integral, 1, None, closed="left")],
+        "meta_learn_init": ["boolean"],
+        "meta_gradient": [StrOptions(set(GRADIENT_MODES))],
+        "truncate": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "dtype": [StrOptions({"float32", "float64"})],
+        "device": [str, HasMethods(["type"])],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+    }
+
+    # ------------------------------------------------------------- hooks
+    def _make_target(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _make_family(self, n_latent):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _validate_task_data(self, X, y, reset):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _initial_params(self, problem, n_tasks, tasks):
+        """Fresh variational (and model) parameters for ``n_tasks`` tasks."""
+        family, target = problem
+        params = family.init_params(
+            n_tasks, loc=self.init_loc, scale=self.init_scale, dtype=self._dtype, device=self._device
+        )
+        params.update(target.init_params(n_tasks, dtype=self._dtype, device=self._device))
+        return params
+
+    def _make_meta_loss(self, problem, tasks):
+        """Resolve ``meta_loss`` into a torch callable ``(problem, params, tasks) -> (M,)``."""
+        meta_loss = self.meta_loss
+        if callable(meta_loss):
+            return CallableMetaLoss(meta_loss)
+        if meta_loss == "auto":
+            meta_loss = "nll" if problem.target.has_likelihood else "d_half"
+        if meta_loss == "nll":
+            if not problem.target.has_likelihood:
+                raise ValueError(
+                    "meta_loss='nll' needs a model with a per-row likelihood; "
+                    f"{type(problem.target).__name__} has none. Use 'd_half' or 'tv' "
+                    "(1-D targets) or a callable meta_loss."
+                )
+            return PredictiveNLL(n_particles=self.n_particles)
+        n_latent = problem.family.n_latent
+        if n_latent != 1:
+            raise ValueError(
+                f"meta_loss={meta_loss!r} is computed by quadrature and needs a 1-D latent "
+                f"variable, but this model has n_latent={n_latent}. Use 'nll' or a callable."
+            )
+        low_high = getattr(self, "quadrature_range", None)
+        if low_high is None:
+            low_high = problem.target.quadrature_range(tasks)
+            if low_high is None:
+                raise ValueError(
+                    f"meta_loss={meta_loss!r} needs a quadrature grid; this model gives "
+                    "no range. Set quadrature_range=(low, high) to cover the target's mass."
+                )
+            lo, hi = low_high
+            lo = min(lo, self.init_loc - 10 * self.init_scale)
+            hi = max(hi, self.init_loc + 10 * self.init_scale)
+            low_high = (lo, hi)
+        kind = "tv" if meta_loss == "tv" else "renyi"
+        return QuadratureLoss(kind=kind, alpha=0.5, low=low_high[0], high=low_high[1])
+
+    # ---------------------------------------------------------- helpers
+    def _setup_torch(self):
+        self._dtype = _torch.resolve_dtype(self.dtype)
+        self._device = _torch.resolve_device(self.device)
+
+    def _problem(self, n_features):
+        target = self._make_target()
+        n_latent = target.n_latent(n_features)
+        return Problem(self._make_family(n_latent), target)
+
+    def _to_tasks(self, X, y, index):
+        Xs = [_torch.as_tensor(X[i], device=self._device, dtype=self._dtype) for i in index]
+        ys = None
+        if y is not None:
+            ys = [_torch.as_tensor(y[i], device=self._device, dtype=self._dtype) for i in index]
+        return pad_tasks(Xs, ys)
+
+    def _check_target_rows(self, target, X, y):
+        target.check_data(
+            _torch.as_tensor(X, dtype=torch.float64),
+            None if y is None else _torch.as_tensor(y, dtype=torch.float64),
+        )
+
+    def _resolve_divergence(self):
+        div = self.divergence
+        if isinstance(div, str) or isinstance(div, Divergence):
+            return make_divergence(div)
+        raise TypeError(
+            f"divergence must be one of {list(DIVERGENCE_NAMES)} or a "
+            f"skmetavi.divergences.Divergence, got {type(div).__name__}."
+        )
+
+    def _check_meta_options(self):
+        if self.meta_gradient == "truncated" and self.truncate is None:
+            raise ValueError(
+                "meta_gradient='truncated' needs truncate, the number of final inner steps "
+                "to back-propagate through (e.g. truncate=5)."
+            )
+        if self.truncate is not None and self.meta_gradient != "truncated":
+            raise ValueError(
+                f"truncate={self.truncate} only applies with meta_gradient='truncated', got "
+                f"meta_gradient={self.meta_gradient!r}."
+            )
+        if self.truncate is not None and self.truncate > self.n_inner_steps:
+            raise ValueError(
+                f"truncate={self.truncate} exceeds n_inner_steps={self.n_inner_steps}; "
+                "choose truncate <= n_inner_steps."
+            )
+
+    # -------------------------------------------------------- meta_fit
+    def _support_query(self, X, y, index, rng):
+        """Split each task's rows into support (inner loop) and query (meta-loss)."""
+        return index, index
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def meta_fit(self, X, y=None, groups=None):
+        """Meta-learn the divergence (and with ``meta_learn_init``, the initialisation).
+
+        Each distinct value of ``groups`` is one training task.  Runs Algorithm 1
+        (Meta-D) or, with ``meta_learn_init=True``, Algorithm 2 (Meta-D&phi) of
+        Zhang et al. (2021) for ``max_meta_iter`` outer iterations.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows of all training tasks.
+        y : array-like of shape (n_samples,), default=None
+            Targets, for models that need them.
+        groups : array-like of shape (n_samples,)
+            Task label of each row.
+
+        Returns
+        -------
+        self : object
+            The estimator, with ``meta_divergence_`` (and ``meta_init_``) set.
+        """
+        self._setup_torch()
+        self._check_meta_options()
+        X, y = self._validate_task_data(X, y, reset=True)
+        labels, index = check_groups(groups, X.shape[0])
+        problem = self._problem(X.shape[1])
+        for i in index:
+            self._check_target_rows(problem.target, X[i], None if y is None else y[i])
+        rng = check_random_state(self.random_state)
+        generator = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
+        support_idx, query_idx = self._support_query(X, y, index, rng)
+        support = self._to_tasks(X, y, support_idx)
+        query = self._to_tasks(X, y, query_idx)
+        meta_loss = self._make_meta_loss(problem, support)
+
+        warm = self.warm_start and hasattr(self, "_meta_state")
+        if warm:
+            divergence = copy.deepcopy(self.meta_divergence_)
+        else:
+            divergence = self._resolve_divergence()
+        divergence = divergence.to(self._device, self._dtype)
+        if not divergence.learnable and not self.meta_learn_init:
+            raise ValueError(
+                f"Nothing to meta-learn: divergence {divergence!r} has no learnable "
+                "parameters and meta_learn_init=False. Use a learnable divergence "
+                "('renyi', 'neural_f', Renyi(learnable=True)) or meta_learn_init=True."
+            )
+        init = self._initial_params(problem, support.n_tasks, support)
+        optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
+        trainer = MetaTrainer(
+            problem, divergence, optimizer, meta_loss, support, query,
+            init_params=init, learn_init=self.meta_learn_init,
+            n_inner_steps=self.n_inner_steps, n_particles=self.n_particles,
+            n_tasks_per_batch=self.n_tasks_per_batch, meta_lr=self.meta_lr,
+            init_lr=self.init_lr, mode=self.meta_gradient, truncate=self.truncate,
+            batch_size=self.batch_size, generator=generator,
+        )
+        if warm:
+            self._load_meta_state(trainer)
+        bar = _progress(self.max_meta_iter, self.verbose, "meta_fit")
+        interrupted = False
+        try:
+            for _ in range(self.max_meta_iter):
+                value = trainer.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(meta_loss=f"{value:.4g}")
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        self._store_meta_state(trainer, labels)
+        if interrupted:
+            warnings.warn(
+                f"meta_fit interrupted after {trainer.n_iter} outer iterations; the estimator "
+                "keeps the progress so far (meta_fit with warm_start=True continues).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _store_meta_state(self, trainer, labels):
+        self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
+        if trainer.learn_init:
+            self.meta_init_ = _torch.tree_to(trainer.init_params, "cpu")
+        elif hasattr(self, "meta_init_"):
+            del self.meta_init_
+        self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
+        self.n_meta_iter_ = trainer.n_iter
+        self.meta_tasks_ = labels
+        # The full trainer state, so that warm_start continues exactly.
+        self._meta_state = trainer.state_dict()
+        self._meta_state["learn_init"] = trainer.learn_init
+
+    def _load_meta_state(self, trainer):
+        state = self._meta_state
+        if state["learn_init"] != trainer.learn_init:
+            raise ValueError(
+                "warm_start=True cannot switch meta_learn_init between meta_fit calls "
+                f"(was {state['learn_init']}, now {trainer.learn_init}); set warm_start=False."
+            )
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, IndexError) as exc:
+            raise ValueError(
+                "warm_start=True but the previous meta_fit state does not match the new "
+                f"training tasks or settings ({exc}). Use the same X and groups, or set "
+                "warm_start=False."
+            ) from exc
+
+    # ------------------------------------------------------------- fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Adapt q to one task with the meta-learned divergence (if any).
+
+        Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
+        called, otherwise the ``divergence`` parameter; runs ``max_iter``
+        inner iterations of variational inference.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The task's rows.
+        y : array-like of shape (n_samples,), default=None
+            Targets, for models that need them.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        self._setup_torch()
+        X, y = self._validate_task_data(X, y, reset=True)
+        problem = self._problem(X.shape[1])
+        self._check_target_rows(problem.target, X, y)
+        rng = check_random_state(self.random_state)
+        seed = _torch.seed_from_random_state(rng)
+        generator = _torch.make_generator(seed, self._device)
+        tasks = self._to_tasks(X, y, [np.arange(X.shape[0])])
+
+        if hasattr(self, "meta_divergence_"):
+            divergence = copy.deepcopy(self.meta_divergence_)
+        else:
+            divergence = self._resolve_divergence()
+        divergence = divergence.to(self._device, self._dtype).requires_grad_(False)
+
+        warm = self.warm_start and hasattr(self, "variational_params_")
+        if warm:
+            params = _torch.tree_to(self.variational_params_, self._device)
+            self._check_warm_params(params, problem)
+        elif hasattr(self, "meta_init_"):
+            params = _torch.tree_to(self.meta_init_, self._device)
+        else:
+            params = self._initial_params(problem, 1, tasks)
+        params = {k: v.to(self._dtype) for k, v in params.items()}
+        optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
+        state = optimizer.init(params)
+        n_steps = self._n_steps(tasks)
+        bar = _progress(n_steps, self.verbose, "fit")
+        last = {"params": params}
+        new_curve = []
+
+        def callback(it, p, s, bound):
+            last["params"] = p
+            new_curve.append(-float(bound[0]))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{new_curve[-1]:.4g}")
+
+        interrupted = False
+        try:
+            params, _, _ = run_vi(
+                problem, divergence, optimizer, params, state, tasks,
+                n_steps=n_steps, n_particles=self.n_particles, generator=generator,
+                batch_size=self.batch_size, callback=callback,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            params = last["params"]
+        finally:
+            if bar is not None:
+                bar.close()
+        prev_curve = list(self.loss_curve_) if warm else []
+        self.divergence_ = divergence.to("cpu")
+        self.variational_params_ = _torch.tree_to(params, "cpu")
+        self.loss_curve_ = np.asarray(prev_curve + new_curve, dtype=float)
+        self.n_iter_ = len(new_curve)
+        self.n_latent_ = problem.family.n_latent
+        self._predict_seed = int(rng.randint(0, 2**31 - 1))
+        self._after_fit(problem, tasks)
+        if interrupted:
+            warnings.warn(
+                "fit interrupted; the estimator keeps the parameters of the last completed "
+                "iteration (fit with warm_start=True continues).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _n_steps(self, tasks):
+        """Inner iterations of ``fit``: ``max_iter`` epochs over the task's rows."""
+        if self.batch_size is None:
+            return self.max_iter
+        n = int(tasks.n_rows.max())
+        return self.max_iter * max(1, -(-n // self.batch_size))
+
+    def _check_warm_params(self, params, problem):
+        fresh = self._initial_params(problem, 1, None)
+        for k, v in fresh.items():
+            if k not in params or params[k].shape != v.shape:
+                raise ValueError(
+                    "warm_start=True but the previous fit's parameters do not match the new "
+                    f"data (parameter {k!r}: {tuple(params.get(k, v).shape)} vs "
+                    f"{tuple(v.shape)}). Refit with warm_start=False."
+                )
+
+    def _after_fit(self, problem, tasks):
+        """Hook for subclasses to store derived fitted attributes."""
+
+    def __sklearn_is_fitted__(self):
+        # meta_fit alone does not make an estimator fitted: it has no q yet.
+        return hasattr(self, "variational_params_")
+
+    def _fitted_problem(self):
+        check_is_fitted(self)
+        return self._problem(self.n_features_in_)

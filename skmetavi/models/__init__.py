@@ -1,0 +1,34 @@
+"""Variational families and target models (torch-only, functional, batched over tasks)."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from skmetavi.models._families import (
+    FAMILY_NAMES,
+    FullCovarianceGaussian,
+    MeanFieldGaussian,
+    make_family,
+)
+from skmetavi.models._targets import (
+    TARGET_NAMES,
+    BayesianLinearRegression,
+    CallableTarget,
+    GaussianMean,
+    GaussianMixture1D,
+    Target,
+    make_target,
+)
+
+__all__ = [
+    "FAMILY_NAMES",
+    "TARGET_NAMES",
+    "BayesianLinearRegression",
+    "CallableTarget",
+    "FullCovarianceGaussian",
+    "GaussianMean",
+    "GaussianMixture1D",
+    "MeanFieldGaussian",
+    "Target",
+    "make_family",
+    "make_target",
+]
