@@ -21,6 +21,7 @@ derivatives.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -555,9 +556,14 @@ class MetaTrainer:
 
         return {
             "divergence": cpu(self.divergence.state_dict()),
-            "meta_optimizer": None if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
+            # deep copies: torch optimizers hand out live references to their state
+            "meta_optimizer": None
+            if self.meta_optimizer is None
+            else copy.deepcopy(self.meta_optimizer.state_dict()),
             "init_params": cpu(self.init_params),
-            "init_optimizer": None if self.init_optimizer is None else self.init_optimizer.state_dict(),
+            "init_optimizer": None
+            if self.init_optimizer is None
+            else copy.deepcopy(self.init_optimizer.state_dict()),
             "task_params": cpu(self.task_params),
             "task_state": cpu(self.task_state),
             "generator": self.generator.get_state(),

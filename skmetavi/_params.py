@@ -26,11 +26,34 @@ class ParamsMixin:
         )
 
     def get_params(self, deep=True):
-        """Constructor parameters, as scikit-learn's ``get_params``."""
+        """Get the constructor parameters, as scikit-learn's ``get_params``.
+
+        Parameters
+        ----------
+        deep : bool, default=True
+            Accepted for compatibility with scikit-learn; these objects have no
+            nested estimators, so it has no effect.
+
+        Returns
+        -------
+        params : dict
+            Parameter names mapped to their current values.
+        """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
     def set_params(self, **params):
-        """Set constructor parameters by re-running the constructor's checks."""
+        """Set constructor parameters by re-running the constructor's checks.
+
+        Parameters
+        ----------
+        **params : dict
+            New values of constructor parameters; the others keep their values.
+
+        Returns
+        -------
+        self : object
+            The object, rebuilt with the new parameters.
+        """
         valid = self._get_param_names()
         for key in params:
             if key not in valid:

@@ -46,7 +46,11 @@ def as_tensor(X, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Convert a validated ndarray (or tensor) to a tensor on ``device``."""
     if isinstance(X, torch.Tensor):
         return X.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.asarray(X), dtype=dtype, device=device)
+    X = np.asarray(X)
+    if not X.flags.writeable:
+        # torch cannot share a read-only buffer (e.g. a read-only memory map) and warns.
+        X = X.copy()
+    return torch.as_tensor(X, dtype=dtype, device=device)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

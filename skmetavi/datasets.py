@@ -36,6 +36,10 @@ def make_mog_tasks(n_tasks=100, *, random_state=None):
     groups : ndarray of shape (2 * n_tasks,)
         Task index of each row.
 
+    See Also
+    --------
+    skmetavi.models.GaussianMixture1D : The target these rows define.
+
     Examples
     --------
     >>> from skmetavi.datasets import make_mog_tasks

@@ -76,6 +76,26 @@ class Divergence(ParamsMixin, nn.Module, abc.ABC):
         :math:`\\ell_k` (the score term :math:`\\nabla_\\phi\\log q_\\phi(z)` at
         fixed :math:`z` is dropped, Eq. (8)); if False, the total derivative
         (Eq. (4)).
+
+    See Also
+    --------
+    KL : Uniform weights, standard VI.
+    Renyi : The Rényi alpha family, with a learnable alpha.
+    FDivergence : The f-divergences, with a path-only update, Eq. (8).
+    NeuralF : An f-divergence whose g is a learnable network.
+    TailAdaptive : Rank-based weights of Wang et al. (2018).
+
+    Examples
+    --------
+    A divergence needs only its particle weights:
+
+    >>> import torch
+    >>> from skmetavi.divergences import Divergence
+    >>> class Uniform(Divergence):
+    ...     def particle_weights(self, log_w):
+    ...         return torch.full_like(log_w, 1.0 / log_w.shape[-1])
+    >>> Uniform().surrogate(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]))
+    tensor(-0.5000)
     """
 
     path_derivative: bool = False
@@ -119,6 +139,7 @@ class Divergence(ParamsMixin, nn.Module, abc.ABC):
         Returns
         -------
         loss : torch.Tensor of shape ()
+            The surrogate loss; minimising it ascends the divergence's bound.
         """
         log_w = log_p - log_q  # (..., n_particles)
         w = self.particle_weights(log_w.detach())
@@ -129,7 +150,10 @@ class Divergence(ParamsMixin, nn.Module, abc.ABC):
 
         Parameters
         ----------
-        log_p, log_q : torch.Tensor of shape (..., n_particles)
+        log_p : torch.Tensor of shape (..., n_particles)
+            Unnormalised log target density at the particles.
+        log_q : torch.Tensor of shape (..., n_particles)
+            Log variational density at the particles.
 
         Returns
         -------
@@ -139,7 +163,20 @@ class Divergence(ParamsMixin, nn.Module, abc.ABC):
         return (log_p - log_q).mean(-1)
 
     def forward(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """Alias of :meth:`surrogate`."""
+        """Compute :meth:`surrogate`, so that ``divergence(log_p, log_q)`` is the loss.
+
+        Parameters
+        ----------
+        log_p : torch.Tensor of shape (..., n_particles)
+            Unnormalised log target density at the particles.
+        log_q : torch.Tensor of shape (..., n_particles)
+            Log variational density at the particles.
+
+        Returns
+        -------
+        loss : torch.Tensor of shape ()
+            The surrogate loss of :meth:`surrogate`.
+        """
         return self.surrogate(log_p, log_q)
 
     # ------------------------------------------------- scikit-learn protocol
@@ -160,7 +197,7 @@ class KL(Divergence):
 
     See Also
     --------
-    Renyi : the Rényi family, equal to ``KL`` at ``alpha=1``.
+    Renyi : The Rényi family, equal to ``KL`` at ``alpha=1``.
 
     Examples
     --------
@@ -218,8 +255,8 @@ class Renyi(Divergence):
 
     See Also
     --------
-    KL : the ``alpha = 1`` member.
-    FDivergence : the same weights with a path-only derivative.
+    KL : The ``alpha = 1`` member.
+    FDivergence : The same weights with a path-only derivative.
 
     Notes
     -----
@@ -261,6 +298,7 @@ class Renyi(Divergence):
     # get_params / clone keep a learned alpha.
     @property
     def alpha(self) -> float:
+        """The current order alpha, a float (learned by ``meta_fit`` if learnable)."""
         return float(self.alpha_tensor().detach())
 
     @property
@@ -268,7 +306,13 @@ class Renyi(Divergence):
         return self._learnable_flag
 
     def alpha_tensor(self) -> torch.Tensor:
-        """alpha as a differentiable 0-d tensor (``softplus(raw_alpha)``)."""
+        """Return alpha as a differentiable tensor, ``softplus(raw_alpha)``.
+
+        Returns
+        -------
+        alpha : torch.Tensor of shape ()
+            The order alpha, differentiable in ``raw_alpha``.
+        """
         return F.softplus(self.raw_alpha)
 
     def particle_weights(self, log_w):
@@ -279,6 +323,21 @@ class Renyi(Divergence):
         return torch.softmax(one_minus_alpha * log_w, dim=-1)
 
     def bound(self, log_p, log_q):
+        """Variational Rényi bound ``log mean_k exp((1 - alpha) l_k) / (1 - alpha)``.
+
+        Parameters
+        ----------
+        log_p : torch.Tensor of shape (..., n_particles)
+            Unnormalised log target density at the particles.
+        log_q : torch.Tensor of shape (..., n_particles)
+            Log variational density at the particles.
+
+        Returns
+        -------
+        value : torch.Tensor of shape (...)
+            A Monte Carlo estimate of the VR bound (the ELBO at ``alpha = 1``),
+            higher is better.
+        """
         log_w = log_p - log_q
         c = 1.0 - self.alpha_tensor().to(log_w.dtype)
         # Near alpha = 1 the ratio logmeanexp(c * l) / c is 0/0; use the
@@ -303,7 +362,7 @@ def _power_log_g(a: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class FDivergence(Divergence):
-    """f-divergence D_f(p || q) = E_q[f(p/q)] with a fixed ``g(t) = t^2 f''(t)``.
+    """The f-divergence D_f(p || q) = E_q[f(p/q)] with a fixed ``g(t) = t^2 f''(t)``.
 
     The inner update is Eq. (8) of Zhang et al. (2021) (Proposition 1 of Wang
     et al. 2018): a path-only gradient weighted by ``g(t_k)`` at the
@@ -329,8 +388,8 @@ class FDivergence(Divergence):
 
     See Also
     --------
-    NeuralF : g given by a learnable network.
-    Renyi : same weights at ``a = 1 - alpha`` but the total derivative.
+    NeuralF : The function g given by a learnable network.
+    Renyi : The same weights at ``a = 1 - alpha`` but the total derivative.
 
     Notes
     -----
@@ -374,26 +433,51 @@ class FDivergence(Divergence):
 
     @property
     def log_g(self):
+        """The ``log_g`` callable given at construction, or None for the power family."""
         return self.log_g_fn
 
     @classmethod
     def reverse_kl(cls):
-        """KL(q||p): ``g = 1`` (standard VI with a path-only gradient)."""
+        """Build KL(q||p): ``g = 1`` (standard VI with a path-only gradient).
+
+        Returns
+        -------
+        divergence : FDivergence
+            The member of the power family.
+        """
         return cls(0.0)
 
     @classmethod
     def forward_kl(cls):
-        """KL(p||q): ``g(t) = t`` (the importance-weighted end)."""
+        """Build KL(p||q): ``g(t) = t`` (the importance-weighted end).
+
+        Returns
+        -------
+        divergence : FDivergence
+            The member of the power family.
+        """
         return cls(1.0)
 
     @classmethod
     def hellinger(cls):
-        """Squared Hellinger distance: ``g(t) ∝ t^(1/2)``; D_0.5's update."""
+        """Build the squared Hellinger distance: ``g(t) ∝ t^(1/2)``, D_0.5's update.
+
+        Returns
+        -------
+        divergence : FDivergence
+            The member of the power family.
+        """
         return cls(0.5)
 
     @classmethod
     def chi2(cls):
-        """Pearson chi-square ``E_q[(p/q - 1)^2]``: ``g(t) = 2 t^2``."""
+        """Build Pearson's chi-square ``E_q[(p/q - 1)^2]``: ``g(t) = 2 t^2``.
+
+        Returns
+        -------
+        divergence : FDivergence
+            The member of the power family.
+        """
         return cls(2.0)
 
     def _log_g(self, log_t: torch.Tensor) -> torch.Tensor:
@@ -402,7 +486,18 @@ class FDivergence(Divergence):
         return self.a * log_t
 
     def evaluate_log_g(self, log_t: torch.Tensor) -> torch.Tensor:
-        """``log g(t)`` at the given ``log t`` (for inspection and plots)."""
+        """Evaluate ``log g(t)`` at the given ``log t`` (for inspection and plots).
+
+        Parameters
+        ----------
+        log_t : torch.Tensor
+            Log density ratios ``log t``.
+
+        Returns
+        -------
+        log_g : torch.Tensor
+            ``log g(t)``, elementwise, of the same shape as ``log_t``.
+        """
         return self._log_g(log_t)
 
     def particle_weights(self, log_w):
@@ -464,7 +559,7 @@ class NeuralF(FDivergence):
 
     See Also
     --------
-    Renyi : meta-alpha, the one-parameter alternative.
+    Renyi : Meta-alpha, the one-parameter alternative.
 
     Examples
     --------
@@ -580,6 +675,10 @@ class TailAdaptive(Divergence):
     beta : float, default=-1.0
         Tail exponent, < 0.
 
+    See Also
+    --------
+    FDivergence : The f-divergences with a fixed weight function g.
+
     References
     ----------
     .. [1] Wang, D., Liu, H. and Liu, Q. "Variational inference with
@@ -635,6 +734,9 @@ _BY_NAME = {
 def make_divergence(spec) -> Divergence:
     """Resolve a divergence name or instance into a fresh :class:`Divergence`.
 
+    This is how the estimators turn their ``divergence`` parameter into the
+    fitted ``divergence_``: the parameter itself is never modified.
+
     Parameters
     ----------
     spec : {"kl", "renyi", "neural_f", "tail_adaptive", "f"} or Divergence
@@ -644,6 +746,11 @@ def make_divergence(spec) -> Divergence:
     Returns
     -------
     divergence : Divergence
+        A new divergence: the named one with default parameters, or a deep copy.
+
+    See Also
+    --------
+    Divergence : The base class of the divergences.
 
     Examples
     --------

@@ -44,6 +44,28 @@ def _progress(total, verbose, desc):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+def _check_random_state(random_state):
+    """:func:`sklearn.utils.check_random_state` that never draws from numpy's global RNG.
+
+    ``None`` gives a fresh ``RandomState`` seeded from OS entropy, so that fitting
+    leaves the global numpy (and torch) RNGs untouched, as documented.
+    """
+    if random_state is None:
+        return np.random.RandomState()
+    return check_random_state(random_state)
+
+
+def _to_cpu(tree):
+    """Detached CPU copies of the tensors of a nested dict/list (other leaves as is)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu").clone()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
 def check_groups(groups, n_samples, *, min_tasks=2):
     """Validate ``groups`` and return ``(labels, list of row-index arrays)``."""
     if groups is None:
@@ -182,7 +204,11 @@ class _BaseMetaVI(BaseEstimator):
     def _resolve_divergence(self):
         div = self.divergence
         if isinstance(div, str) or isinstance(div, Divergence):
-            return make_divergence(div)
+            # Constructing torch modules (NeuralF's nn.Linear) draws from the global
+            # torch RNG even though NeuralF then sets every weight itself: fork it,
+            # so that fitting leaves the global RNG as it found it.
+            with torch.random.fork_rng(devices=[]):
+                return make_divergence(div)
         raise TypeError(
             f"divergence must be one of {list(DIVERGENCE_NAMES)} or a "
             f"skmetavi.divergences.Divergence, got {type(div).__name__}."
@@ -239,7 +265,7 @@ class _BaseMetaVI(BaseEstimator):
         problem = self._problem(X.shape[1])
         for i in index:
             self._check_target_rows(problem.target, X[i], None if y is None else y[i])
-        rng = check_random_state(self.random_state)
+        rng = _check_random_state(self.random_state)
         generator = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
         support_idx, query_idx = self._support_query(X, y, index, rng)
         support = self._to_tasks(X, y, support_idx)
@@ -302,8 +328,9 @@ class _BaseMetaVI(BaseEstimator):
         self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
         self.n_meta_iter_ = trainer.n_iter
         self.meta_tasks_ = labels
-        # The full trainer state, so that warm_start continues exactly.
-        self._meta_state = trainer.state_dict()
+        # The full trainer state, so that warm_start continues exactly; on the CPU
+        # like all fitted state (the meta-optimiser's Adam moments live on `device`).
+        self._meta_state = _to_cpu(trainer.state_dict())
         self._meta_state["learn_init"] = trainer.learn_init
 
     def _load_meta_state(self, trainer):
@@ -347,7 +374,7 @@ class _BaseMetaVI(BaseEstimator):
         X, y = self._validate_task_data(X, y, reset=True)
         problem = self._problem(X.shape[1])
         self._check_target_rows(problem.target, X, y)
-        rng = check_random_state(self.random_state)
+        rng = _check_random_state(self.random_state)
         seed = _torch.seed_from_random_state(rng)
         generator = _torch.make_generator(seed, self._device)
         tasks = self._to_tasks(X, y, [np.arange(X.shape[0])])
@@ -400,7 +427,9 @@ class _BaseMetaVI(BaseEstimator):
         self.loss_curve_ = np.asarray(prev_curve + new_curve, dtype=float)
         self.n_iter_ = len(new_curve)
         self.n_latent_ = problem.family.n_latent
+        # Fixed seeds of score and of sample's default draw: repeated calls agree.
         self._predict_seed = int(rng.randint(0, 2**31 - 1))
+        self._sample_seed = _torch.seed_from_random_state(rng)
         self._after_fit(problem, tasks)
         if interrupted:
             warnings.warn(

@@ -8,12 +8,15 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from skmetavi import _torch
-from skmetavi.estimators._base import META_LOSS_NAMES, _BaseMetaVI
+from skmetavi.estimators._base import (
+    META_LOSS_NAMES,
+    _BaseMetaVI,
+    _check_random_state,
+)
 from skmetavi.models import FAMILY_NAMES, TARGET_NAMES, Target, make_family, make_target
 
 
@@ -107,8 +110,9 @@ class MetaDivergenceVI(_BaseMetaVI):
     device : str, default="cpu"
         Torch device of the computations; fitted state is kept on the CPU.
     random_state : int, RandomState instance or None, default=None
-        Seeds the torch generators of fitting and scoring; the global numpy
-        and torch RNGs are never touched.
+        Seeds the torch generators of fitting, scoring and sampling; pass an
+        int for reproducible results.  None draws fresh entropy from the
+        operating system.  The global numpy and torch RNGs are never touched.
     verbose : int, default=0
         Show tqdm progress bars if > 0.
     warm_start : bool, default=False
@@ -145,8 +149,8 @@ class MetaDivergenceVI(_BaseMetaVI):
 
     See Also
     --------
-    skmetavi.divergences.Renyi : the meta-alpha divergence.
-    skmetavi.divergences.NeuralF : the meta-f divergence.
+    skmetavi.divergences.Renyi : The meta-alpha divergence.
+    skmetavi.divergences.NeuralF : The meta-f divergence.
 
     Notes
     -----
@@ -278,7 +282,8 @@ class MetaDivergenceVI(_BaseMetaVI):
         if self._requires_y():
             if y is None:
                 raise ValueError(
-                    f"model={self.model!r} needs targets: pass y of shape (n_samples,)."
+                    f"{type(self).__name__} requires y to be passed, but the target y is "
+                    f"None: model={self.model!r} needs targets; pass y of shape (n_samples,)."
                 )
             X, y = validate_data(self, X, y, reset=reset, dtype=dtypes, y_numeric=True)
             return X, y
@@ -318,7 +323,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         return {k: v.to(self._device) for k, v in self.variational_params_.items()}
 
     def score_samples(self, Z):
-        """Log density of the fitted q at latent points.
+        """Compute the log density of the fitted q at latent points.
 
         Parameters
         ----------
@@ -328,6 +333,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         Returns
         -------
         log_q : ndarray of shape (n_points,)
+            ``log q(z)`` at each row of ``Z``.
         """
         check_is_fitted(self)
         Z = check_array(Z, dtype=[np.float64, np.float32])
@@ -348,20 +354,29 @@ class MetaDivergenceVI(_BaseMetaVI):
         Parameters
         ----------
         n_samples : int, default=1
+            Number of samples.
         random_state : int, RandomState instance or None, default=None
-            Seed; by default the estimator's ``random_state``.
+            Seed of the draw.  None uses a seed fixed by :meth:`fit` (from the
+            estimator's ``random_state``), so that repeated calls return the
+            same samples, as :meth:`score` does.
 
         Returns
         -------
         Z : ndarray of shape (n_samples, n_latent)
+            Independent draws z ~ q.
         """
         check_is_fitted(self)
         if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
-        rng = check_random_state(self.random_state if random_state is None else random_state)
+            raise ValueError(
+                f"n_samples must be a positive int, the number of draws; got {n_samples!r}."
+            )
+        if random_state is None:
+            seed = self._sample_seed
+        else:
+            seed = _torch.seed_from_random_state(_check_random_state(random_state))
         self._setup_torch()
         family = self._problem(self.n_features_in_).family
-        gen = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
+        gen = _torch.make_generator(seed, self._device)
         eps = family.sample_eps(1, n_samples, generator=gen, dtype=self._dtype, device=self._device)
         with torch.no_grad():
             return _torch.to_numpy(family.rsample(self._q_params(), eps)[0])

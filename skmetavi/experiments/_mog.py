@@ -34,11 +34,16 @@ LOSSES = {"d_half": "D_0.5", "tv": "TV"}
 BUDGETS = {
     "quick": dict(
         n_train=64, n_test=10, n_seeds=2, meta_iter=1000, n_particles=100,
-        bo_steps=300, test_steps=1000, alg2_iter=120, alg2_tasks=16,
+        bo_steps=300, test_steps=1000, alg2_iter=300, alg2_tasks=16,
     ),
     "paper": dict(
         n_train=64, n_test=10, n_seeds=5, meta_iter=5000, n_particles=100,
-        bo_steps=2000, test_steps=2000, alg2_iter=1000, alg2_tasks=16,
+        bo_steps=2000, test_steps=2000, alg2_iter=2000, alg2_tasks=16,
+    ),
+    # Seconds-long settings for the test suite only (not offered by the CLI).
+    "smoke": dict(
+        n_train=4, n_test=3, n_seeds=2, meta_iter=5, n_particles=16,
+        bo_steps=5, test_steps=5, alg2_iter=2, alg2_tasks=2,
     ),
 }
 

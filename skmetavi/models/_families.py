@@ -38,7 +38,26 @@ class _GaussianFamily(ParamsMixin):
         self.n_latent = n_latent
 
     def sample_eps(self, n_tasks, n_particles, *, generator, dtype, device):
-        """Standard-normal noise of shape (n_tasks, n_particles, n_latent)."""
+        """Draw the standard-normal noise that :meth:`rsample` maps to particles.
+
+        Parameters
+        ----------
+        n_tasks : int
+            Number of tasks M.
+        n_particles : int
+            Number of particles K per task.
+        generator : torch.Generator
+            Source of randomness (the global torch RNG is not used).
+        dtype : torch.dtype
+            Floating-point type of the noise.
+        device : torch.device or str
+            Device of the noise.
+
+        Returns
+        -------
+        eps : torch.Tensor of shape (n_tasks, n_particles, n_latent)
+            Independent standard-normal draws.
+        """
         return torch.randn(
             (n_tasks, n_particles, self.n_latent),
             generator=generator,
@@ -47,22 +66,66 @@ class _GaussianFamily(ParamsMixin):
         )
 
     def distribution(self, params) -> torch.distributions.MultivariateNormal:
-        """The batch of q's as a ``torch.distributions.MultivariateNormal``."""
+        """Return the batch of q's as a ``torch.distributions.MultivariateNormal``.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        q : torch.distributions.MultivariateNormal
+            Batch shape (M,), event shape (n_latent,).
+        """
         return torch.distributions.MultivariateNormal(
             params["loc"], scale_tril=self.scale_tril(params), validate_args=False
         )
 
     def mean(self, params):
-        """Mean of q, shape (M, n_latent)."""
+        """Return the mean of q.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        mean : torch.Tensor of shape (M, n_latent)
+            The mean of each task's q.
+        """
         return params["loc"]
 
     def covariance(self, params):
-        """Covariance of q, shape (M, n_latent, n_latent)."""
+        """Return the covariance of q.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        covariance : torch.Tensor of shape (M, n_latent, n_latent)
+            The covariance of each task's q.
+        """
         L = self.scale_tril(params)
         return L @ L.transpose(-1, -2)
 
     def entropy(self, params):
-        """Differential entropy of q, shape (M,)."""
+        """Return the differential entropy of q.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        entropy : torch.Tensor of shape (M,)
+            The entropy of each task's q, in nats.
+        """
         L = self.scale_tril(params)
         log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
         return 0.5 * self.n_latent * (1.0 + _LOG_2PI) + log_det
@@ -78,31 +141,115 @@ class MeanFieldGaussian(_GaussianFamily):
     ----------
     n_latent : int, default=1
         Dimension d of the latent variable.
+
+    See Also
+    --------
+    FullCovarianceGaussian : The Gaussian family with a full covariance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi.models import MeanFieldGaussian
+    >>> family = MeanFieldGaussian(n_latent=2)
+    >>> params = family.init_params(3, loc=1.0, scale=2.0, dtype=torch.float64, device="cpu")
+    >>> family.mean(params).shape
+    torch.Size([3, 2])
+    >>> family.scale(params)[0]
+    tensor([2., 2.], dtype=torch.float64)
     """
 
     param_names = ("loc", "scale_raw")
 
     def init_params(self, n_tasks, *, loc=0.0, scale=1.0, dtype, device):
-        """Initial parameters with the given mean and standard deviation."""
+        """Return initial parameters with the given mean and standard deviation.
+
+        Parameters
+        ----------
+        n_tasks : int
+            Number of tasks M (the leading dimension).
+        loc : float, default=0.0
+            Mean of every coordinate.
+        scale : float, default=1.0
+            Standard deviation of every coordinate, > 1e-6.
+        dtype : torch.dtype
+            Floating-point type of the parameters.
+        device : torch.device or str
+            Device of the parameters.
+
+        Returns
+        -------
+        params : dict of str to torch.Tensor
+            ``{"loc": (M, d), "scale_raw": (M, d)}``.
+        """
         loc_t = torch.zeros((n_tasks, self.n_latent), dtype=dtype, device=device) + loc
         scale_t = torch.full_like(loc_t, float(scale) - MIN_SCALE)
         return {"loc": loc_t, "scale_raw": _inverse_softplus(scale_t)}
 
     def scale(self, params):
+        """Return the standard deviations ``softplus(scale_raw) + 1e-6``.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        scale : torch.Tensor of shape (M, n_latent)
+            The standard deviation of each coordinate.
+        """
         return F.softplus(params["scale_raw"]) + MIN_SCALE
 
     def scale_tril(self, params):
+        """Return the Cholesky factor of the covariance, here diagonal.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        scale_tril : torch.Tensor of shape (M, n_latent, n_latent)
+            Lower-triangular L with ``covariance = L L^T``.
+        """
         return torch.diag_embed(self.scale(params))
 
     def covariance(self, params):
         return torch.diag_embed(self.scale(params) ** 2)
 
     def rsample(self, params, eps):
-        """Particles ``loc + scale * eps``, shape (M, K, d)."""
+        """Map noise to particles ``loc + scale * eps``.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+        eps : torch.Tensor of shape (M, K, n_latent)
+            Standard-normal noise (:meth:`sample_eps`).
+
+        Returns
+        -------
+        z : torch.Tensor of shape (M, K, n_latent)
+            Particles, differentiable in ``params`` (reparameterisation).
+        """
         return params["loc"].unsqueeze(-2) + self.scale(params).unsqueeze(-2) * eps
 
     def log_prob(self, params, z):
-        """log q(z), shape (M, K) for z of shape (M, K, d)."""
+        """Evaluate the log density log q(z).
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+        z : torch.Tensor of shape (M, K, n_latent)
+            Points at which to evaluate each task's q.
+
+        Returns
+        -------
+        log_q : torch.Tensor of shape (M, K)
+            Log density of q at ``z``, differentiable in ``params`` and ``z``.
+        """
         scale = self.scale(params).unsqueeze(-2)
         u = (z - params["loc"].unsqueeze(-2)) / scale
         return -0.5 * (u**2).sum(-1) - torch.log(scale).sum(-1) - 0.5 * self.n_latent * _LOG_2PI
@@ -118,12 +265,45 @@ class FullCovarianceGaussian(_GaussianFamily):
     ----------
     n_latent : int, default=1
         Dimension d of the latent variable.
+
+    See Also
+    --------
+    MeanFieldGaussian : The Gaussian family with a diagonal covariance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi.models import FullCovarianceGaussian
+    >>> family = FullCovarianceGaussian(n_latent=2)
+    >>> params = family.init_params(1, scale=2.0, dtype=torch.float64, device="cpu")
+    >>> family.covariance(params)[0]
+    tensor([[4., 0.],
+            [0., 4.]], dtype=torch.float64)
     """
 
     param_names = ("loc", "scale_tril_raw")
 
     def init_params(self, n_tasks, *, loc=0.0, scale=1.0, dtype, device):
-        """Initial parameters with the given mean and isotropic standard deviation."""
+        """Return initial parameters with the given mean and isotropic standard deviation.
+
+        Parameters
+        ----------
+        n_tasks : int
+            Number of tasks M (the leading dimension).
+        loc : float, default=0.0
+            Mean of every coordinate.
+        scale : float, default=1.0
+            Standard deviation of every coordinate, > 1e-6 (no correlations).
+        dtype : torch.dtype
+            Floating-point type of the parameters.
+        device : torch.device or str
+            Device of the parameters.
+
+        Returns
+        -------
+        params : dict of str to torch.Tensor
+            ``{"loc": (M, d), "scale_tril_raw": (M, d, d)}``.
+        """
         d = self.n_latent
         loc_t = torch.zeros((n_tasks, d), dtype=dtype, device=device) + loc
         diag = _inverse_softplus(
@@ -132,17 +312,55 @@ class FullCovarianceGaussian(_GaussianFamily):
         return {"loc": loc_t, "scale_tril_raw": torch.diag_embed(diag)}
 
     def scale_tril(self, params):
+        """Return the Cholesky factor L of the covariance.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        scale_tril : torch.Tensor of shape (M, n_latent, n_latent)
+            Lower-triangular L with a positive diagonal, ``covariance = L L^T``.
+        """
         raw = params["scale_tril_raw"]
         diag = F.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)) + MIN_SCALE
         return torch.tril(raw, diagonal=-1) + torch.diag_embed(diag)
 
     def rsample(self, params, eps):
-        """Particles ``loc + L eps``, shape (M, K, d)."""
+        """Map noise to particles ``loc + L eps``.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+        eps : torch.Tensor of shape (M, K, n_latent)
+            Standard-normal noise (:meth:`sample_eps`).
+
+        Returns
+        -------
+        z : torch.Tensor of shape (M, K, n_latent)
+            Particles, differentiable in ``params`` (reparameterisation).
+        """
         L = self.scale_tril(params)
         return params["loc"].unsqueeze(-2) + eps @ L.transpose(-1, -2)
 
     def log_prob(self, params, z):
-        """log q(z), shape (M, K) for z of shape (M, K, d)."""
+        """Evaluate the log density log q(z).
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+        z : torch.Tensor of shape (M, K, n_latent)
+            Points at which to evaluate each task's q.
+
+        Returns
+        -------
+        log_q : torch.Tensor of shape (M, K)
+            Log density of q at ``z``, differentiable in ``params`` and ``z``.
+        """
         L = self.scale_tril(params)
         diff = (z - params["loc"].unsqueeze(-2)).transpose(-1, -2)  # (M, d, K)
         u = torch.linalg.solve_triangular(L, diff, upper=False)
@@ -155,7 +373,33 @@ _FAMILIES = {"mean_field": MeanFieldGaussian, "full_covariance": FullCovarianceG
 
 
 def make_family(name, n_latent):
-    """Build a family from its name (``"mean_field"`` or ``"full_covariance"``)."""
+    """Build a variational family from its name.
+
+    The estimators resolve their ``family`` parameter with this function.
+
+    Parameters
+    ----------
+    name : {"mean_field", "full_covariance"}
+        The family: diagonal or full-covariance Gaussian.
+    n_latent : int
+        Dimension of the latent variable.
+
+    Returns
+    -------
+    family : MeanFieldGaussian or FullCovarianceGaussian
+        A new family object.
+
+    See Also
+    --------
+    MeanFieldGaussian : The diagonal Gaussian family.
+    FullCovarianceGaussian : The full-covariance Gaussian family.
+
+    Examples
+    --------
+    >>> from skmetavi.models import make_family
+    >>> make_family("full_covariance", 3)
+    FullCovarianceGaussian(n_latent=3)
+    """
     try:
         return _FAMILIES[name](n_latent)
     except KeyError:

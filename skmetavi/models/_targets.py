@@ -46,44 +46,161 @@ def _check_scale(name, value, owner):
 class Target(ParamsMixin):
     """Base class of targets.  Subclasses set the class attributes and override.
 
+    A target needs :meth:`n_latent` and either :meth:`log_joint` or both
+    :meth:`log_prior` and :meth:`log_likelihood`.  With a per-row likelihood,
+    set ``has_likelihood = True``: it enables the held-out ``"nll"`` meta-loss
+    and the predictive :meth:`~skmetavi.MetaDivergenceVI.score`.  All methods
+    work on batches of M tasks and K particles, in torch.
+
     Attributes
     ----------
     requires_y : bool
         Whether tasks need targets ``y``.
     has_likelihood : bool
         Whether :meth:`log_likelihood` (per-row) is available.
+
+    See Also
+    --------
+    GaussianMean : A conjugate target with a per-row likelihood.
+    CallableTarget : A target from a user function.
+
+    Examples
+    --------
+    A standard-normal target that ignores the data:
+
+    >>> import torch
+    >>> from skmetavi.models import Target
+    >>> class StandardNormal(Target):
+    ...     def n_latent(self, n_features):
+    ...         return 1
+    ...     def log_joint(self, z, tasks, params):
+    ...         return -0.5 * (z**2).sum(-1)
+    >>> StandardNormal().log_joint(torch.zeros(2, 3, 1), None, {}).shape
+    torch.Size([2, 3])
     """
 
     requires_y = False
     has_likelihood = False
 
     def n_latent(self, n_features: int) -> int:
-        """Dimension of z for data with ``n_features`` columns."""
+        """Return the dimension of z for data with ``n_features`` columns.
+
+        Parameters
+        ----------
+        n_features : int
+            Number of columns of ``X``.
+
+        Returns
+        -------
+        n_latent : int
+            Dimension of the latent variable z.
+        """
         raise NotImplementedError
 
     def check_data(self, X: torch.Tensor, y) -> None:
-        """Raise ``ValueError`` if one task's rows are not valid for this target."""
+        """Raise ``ValueError`` if one task's rows are not valid for this target.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (n_rows, n_features)
+            One task's rows.
+        y : torch.Tensor of shape (n_rows,) or None
+            The task's targets, if any.
+        """
 
     def init_params(self, n_tasks: int, *, dtype, device) -> dict:
-        """Point-estimated model parameters (e.g. noise scales); none by default."""
+        """Return point-estimated model parameters (e.g. noise scales); none by default.
+
+        Parameters
+        ----------
+        n_tasks : int
+            Number of tasks M (the leading dimension).
+        dtype : torch.dtype
+            Floating-point type of the parameters.
+        device : torch.device or str
+            Device of the parameters.
+
+        Returns
+        -------
+        params : dict of str to torch.Tensor
+            Initial values, each with a leading dimension M (empty by default).
+        """
         return {}
 
     def log_prior(self, z: torch.Tensor, params: dict) -> torch.Tensor:
-        """log p(z), shape (M, K)."""
+        """Evaluate the log prior log p(z).
+
+        Parameters
+        ----------
+        z : torch.Tensor of shape (M, K, n_latent)
+            Particles: K values of z for each of the M tasks.
+        params : dict of str to torch.Tensor
+            Point-estimated model parameters (:meth:`init_params`).
+
+        Returns
+        -------
+        log_prior : torch.Tensor of shape (M, K)
+            Log prior density at each particle.
+        """
         raise NotImplementedError
 
     def log_likelihood(self, z: torch.Tensor, tasks: TaskBatch, params: dict):
-        """log p(y_n | x_n, z) per row, shape (M, K, n_max); padding is arbitrary."""
+        """Evaluate the per-row log-likelihood log p(y_n | x_n, z).
+
+        Parameters
+        ----------
+        z : torch.Tensor of shape (M, K, n_latent)
+            Particles: K values of z for each of the M tasks.
+        tasks : TaskBatch
+            The M tasks' rows, padded to a common length with a mask.
+        params : dict of str to torch.Tensor
+            Point-estimated model parameters (:meth:`init_params`).
+
+        Returns
+        -------
+        log_lik : torch.Tensor of shape (M, K, n_max)
+            Log-likelihood of each row under each particle; arbitrary on
+            padding rows.
+        """
         raise NotImplementedError
 
     def log_joint(self, z: torch.Tensor, tasks: TaskBatch, params: dict) -> torch.Tensor:
-        """log p(z) + lik_scale * sum_n log p(y_n | x_n, z), shape (M, K)."""
+        """Evaluate the unnormalised log posterior log p(z, D_task).
+
+        By default ``log p(z) + lik_scale * sum_n log p(y_n | x_n, z)`` over the
+        real (unpadded) rows.
+
+        Parameters
+        ----------
+        z : torch.Tensor of shape (M, K, n_latent)
+            Particles: K values of z for each of the M tasks.
+        tasks : TaskBatch
+            The M tasks' rows, padded to a common length with a mask.
+        params : dict of str to torch.Tensor
+            Point-estimated model parameters (:meth:`init_params`).
+
+        Returns
+        -------
+        log_joint : torch.Tensor of shape (M, K)
+            Unnormalised log density at each particle, differentiable in z.
+        """
         log_lik = self.log_likelihood(z, tasks, params)
         log_lik = torch.where(tasks.mask.unsqueeze(1), log_lik, torch.zeros_like(log_lik))
         return self.log_prior(z, params) + tasks.lik_scale.unsqueeze(-1) * log_lik.sum(-1)
 
     def quadrature_range(self, tasks: TaskBatch):
-        """``(low, high)`` covering the target's mass, for 1-D quadrature."""
+        """Return an interval ``(low, high)`` covering the target's mass, for 1-D quadrature.
+
+        Parameters
+        ----------
+        tasks : TaskBatch
+            The M tasks' rows, padded to a common length with a mask.
+
+        Returns
+        -------
+        low_high : tuple of float or None
+            The interval, or None when the target cannot give one.
+        """
         return None
 
 
@@ -95,6 +212,21 @@ class GaussianMixture1D(Target):
     ``p(z) = 0.5 N(mu1, s1^2) + 0.5 N(mu2, s2^2)``
     (see :func:`skmetavi.datasets.make_mog_tasks`).  The density is normalised,
     so ``log_joint`` is ``log p(z)`` exactly.
+
+    See Also
+    --------
+    skmetavi.datasets.make_mog_tasks : Draw tasks of this target.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi._tasks import pad_tasks
+    >>> from skmetavi.models import GaussianMixture1D
+    >>> X = torch.tensor([[0.5, 0.0, 1.0], [0.5, 3.0, 2.0]], dtype=torch.float64)
+    >>> tasks = pad_tasks([X])
+    >>> z = torch.zeros(1, 1, 1, dtype=torch.float64)
+    >>> round(float(GaussianMixture1D().log_joint(z, tasks, {}).exp()), 4)
+    0.2319
     """
 
     def n_latent(self, n_features):
@@ -145,6 +277,19 @@ class GaussianMean(Target):
         Observation noise standard deviation.
     prior_scale : float, default=10.0
         Prior standard deviation of z.
+
+    See Also
+    --------
+    BayesianLinearRegression : The other conjugate target, with inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi.models import GaussianMean
+    >>> X = torch.ones(4, 1, dtype=torch.float64)
+    >>> mean, cov = GaussianMean(prior_scale=1.0).posterior(X)
+    >>> mean, cov
+    (tensor([0.8000], dtype=torch.float64), tensor([[0.2000]], dtype=torch.float64))
     """
 
     has_likelihood = True
@@ -180,7 +325,20 @@ class GaussianMean(Target):
         return self.log_prior(z, params) + tasks.lik_scale.unsqueeze(-1) * log_lik
 
     def posterior(self, X: torch.Tensor):
-        """Exact posterior ``(mean, covariance)`` of z given one task's rows."""
+        """Return the exact posterior ``(mean, covariance)`` of z given one task's rows.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (n_rows, n_latent)
+            One task's observations.
+
+        Returns
+        -------
+        mean : torch.Tensor of shape (n_latent,)
+            Posterior mean.
+        covariance : torch.Tensor of shape (n_latent, n_latent)
+            Posterior covariance.
+        """
         n, d = X.shape
         precision = 1.0 / self.prior_scale**2 + n / self.noise_scale**2
         mean = X.sum(0) / self.noise_scale**2 / precision
@@ -201,6 +359,20 @@ class BayesianLinearRegression(Target):
         Observation noise standard deviation.
     prior_scale : float, default=10.0
         Prior standard deviation of each coefficient.
+
+    See Also
+    --------
+    GaussianMean : The conjugate model without inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi.models import BayesianLinearRegression
+    >>> X = torch.eye(2, dtype=torch.float64)
+    >>> y = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    >>> mean, cov = BayesianLinearRegression(prior_scale=1.0).posterior(X, y)
+    >>> mean
+    tensor([ 0.5000, -0.5000], dtype=torch.float64)
     """
 
     requires_y = True
@@ -223,7 +395,22 @@ class BayesianLinearRegression(Target):
         return _normal_log_prob(tasks.y.unsqueeze(1), mean, z.new_tensor(self.noise_scale))
 
     def posterior(self, X: torch.Tensor, y: torch.Tensor):
-        """Exact posterior ``(mean, covariance)`` of z given one task's rows."""
+        """Return the exact posterior ``(mean, covariance)`` of z given one task's rows.
+
+        Parameters
+        ----------
+        X : torch.Tensor of shape (n_rows, n_features)
+            One task's inputs.
+        y : torch.Tensor of shape (n_rows,)
+            One task's targets.
+
+        Returns
+        -------
+        mean : torch.Tensor of shape (n_features,)
+            Posterior mean of the coefficients.
+        covariance : torch.Tensor of shape (n_features, n_features)
+            Posterior covariance of the coefficients.
+        """
         d = X.shape[1]
         eye = torch.eye(d, dtype=X.dtype, device=X.device)
         precision = X.T @ X / self.noise_scale**2 + eye / self.prior_scale**2
@@ -235,6 +422,9 @@ class BayesianLinearRegression(Target):
 class CallableTarget(Target):
     """Wrap a user function ``log_joint(z, X, y) -> Tensor`` as a target.
 
+    The function sees one task at a time, unpadded; the target loops over the
+    tasks of a batch.  It has no per-row likelihood.
+
     Parameters
     ----------
     fn : callable
@@ -243,6 +433,23 @@ class CallableTarget(Target):
         unnormalised log density, shape (n_particles,), differentiable in z.
     n_latent : int
         Dimension of z.
+
+    See Also
+    --------
+    Target : Subclass it instead for batched, faster targets.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmetavi._tasks import pad_tasks
+    >>> from skmetavi.models import CallableTarget
+    >>> def log_joint(z, X, y):
+    ...     return -0.5 * ((z - X.mean(0)) ** 2).sum(-1)
+    >>> target = CallableTarget(log_joint, n_latent=1)
+    >>> tasks = pad_tasks([torch.ones(3, 1)])
+    >>> z = torch.tensor([[[2.0], [3.0]]])  # (M=1 task, K=2 particles, 1)
+    >>> target.log_joint(z, tasks, {})
+    tensor([[-0.5000, -2.0000]])
     """
 
     def __init__(self, fn, n_latent):
@@ -290,7 +497,35 @@ _TARGETS = {
 
 
 def make_target(model, n_latent=None) -> Target:
-    """Resolve a model name, :class:`Target` or callable into a :class:`Target`."""
+    """Resolve a model name, :class:`Target` or callable into a :class:`Target`.
+
+    The estimators resolve their ``model`` parameter with this function; a
+    :class:`Target` instance is returned as is.
+
+    Parameters
+    ----------
+    model : {"gaussian_mean", "gaussian_mixture", "bayesian_linear_regression"}, \
+            Target or callable
+        A built-in target by name, a target, or a function
+        ``log_joint(z, X, y)`` (see :class:`CallableTarget`).
+    n_latent : int, default=None
+        Dimension of z; needed for a callable only.
+
+    Returns
+    -------
+    target : Target
+        The resolved target.
+
+    See Also
+    --------
+    Target : The base class of targets.
+
+    Examples
+    --------
+    >>> from skmetavi.models import make_target
+    >>> make_target("gaussian_mean")
+    GaussianMean(noise_scale=1.0, prior_scale=10.0)
+    """
     if isinstance(model, Target):
         return model
     if isinstance(model, str):

@@ -1,0 +1,399 @@
+"""Package-wide invariants: import layers, ``__all__``, pickling, CPU state, RNG hygiene."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import ast
+import importlib
+import pickle
+import pkgutil
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import skmetavi
+from skmetavi.datasets import make_mog_tasks
+from skmetavi.estimators import MetaDivergenceVI
+
+PACKAGE_DIR = Path(skmetavi.__file__).parent
+
+# The torch-only core (STYLE 2.1/2.2): torch in, torch out.
+TORCH_ONLY = sorted(
+    [
+        PACKAGE_DIR / "divergences.py",
+        PACKAGE_DIR / "_bilevel.py",
+        PACKAGE_DIR / "_optim.py",
+        PACKAGE_DIR / "_tasks.py",
+        PACKAGE_DIR / "_params.py",
+        *(PACKAGE_DIR / "models").glob("*.py"),
+    ]
+)
+# The only numpy <-> torch crossing of the core.
+CROSSING = PACKAGE_DIR / "_torch.py"
+# Third-party packages of the numpy world (scipy, pandas and joblib import numpy).
+NUMPY_WORLD = {"numpy", "scipy", "sklearn", "pandas", "joblib"}
+
+
+def _module_name(path):
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+ALL_FILES = sorted(p for p in PACKAGE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+ALL_MODULES = {_module_name(p) for p in ALL_FILES}
+TORCH_ONLY_MODULES = {_module_name(p) for p in TORCH_ONLY}
+
+
+def _imported_modules(source, module_name, is_package=False):
+    """Absolute names of every module imported by ``source``, at any depth of its AST.
+
+    ``from pkg import name`` yields ``pkg.name`` (``name`` may be a submodule, as in
+    ``from skmetavi import _torch``, or an attribute).
+    """
+    package = module_name if is_package else module_name.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module
+            if node.level:  # relative: resolve against the package
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                module = ".".join(parts + ([module] if module else []))
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _owning_module(name):
+    """The longest prefix of ``name`` that is a skmetavi module.
+
+    ``skmetavi.models._targets.Target`` is in ``skmetavi.models._targets``;
+    ``skmetavi.MetaDivergenceVI`` is in ``skmetavi``, the public facade.
+    """
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+    return next(prefix for prefix in prefixes if prefix in ALL_MODULES)
+
+
+def _layer_violations(source, module_name, is_package=False):
+    """Imports in ``source`` that leave the torch-only layer, sorted."""
+    bad = set()
+    for name in _imported_modules(source, module_name, is_package):
+        top = name.split(".")[0]
+        if top in NUMPY_WORLD:
+            bad.add(name)
+        elif top == "skmetavi" and _owning_module(name) not in TORCH_ONLY_MODULES:
+            # The facade ``skmetavi`` imports the estimators, hence sklearn.
+            bad.add(_owning_module(name))
+    return sorted(bad)
+
+
+def _check_path(path):
+    return _layer_violations(
+        path.read_text(encoding="utf-8"), _module_name(path), path.name == "__init__.py"
+    )
+
+
+@pytest.mark.parametrize("path", TORCH_ONLY, ids=_module_name)
+def test_torch_only_layer_imports_neither_numpy_nor_sklearn(path):
+    """The core below the estimators is torch in, torch out (STYLE 2.1, 2.2).
+
+    It may import torch, the standard library and other torch-only modules; not
+    numpy, scipy or sklearn, and not the layers above it (the ``skmetavi``
+    facade, estimators, datasets, experiments, ``_torch``), which import them.
+    """
+    assert _check_path(path) == []
+
+
+def test_torch_numpy_crossing():
+    """``_torch`` is the one crossing: it imports numpy and torch, not sklearn or skmetavi."""
+    source = CROSSING.read_text(encoding="utf-8")
+    imported = {name.split(".")[0] for name in _imported_modules(source, "skmetavi._torch")}
+    assert {"numpy", "torch"} <= imported
+    assert not imported & {"sklearn", "scipy", "skmetavi"}
+
+
+def test_layer_rule_detects_violations():
+    """The checker itself flags numpy, sklearn and upward imports, nested or relative."""
+    source = (
+        "import math\n"
+        "import torch\n"
+        "from torch import nn\n"
+        "from skmetavi._tasks import TaskBatch\n"
+        "from skmetavi.models._families import MeanFieldGaussian\n"
+        "from . import _families\n"
+        "def f():\n"
+        "    import numpy as np\n"
+        "from sklearn.utils import check_array\n"
+        "from skmetavi import _torch\n"
+        "from skmetavi import MetaDivergenceVI\n"
+        "from skmetavi.estimators import MetaDivergenceVI\n"
+        "from .. import datasets\n"
+    )
+    assert _layer_violations(source, "skmetavi.models._new") == [
+        "numpy",
+        "sklearn.utils.check_array",
+        "skmetavi",
+        "skmetavi._torch",
+        "skmetavi.datasets",
+        "skmetavi.estimators",
+    ]
+
+
+# --------------------------------------------------------------------- __all__
+def _public_module_names():
+    names = ["skmetavi"]
+    for info in pkgutil.walk_packages(skmetavi.__path__, prefix="skmetavi."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return sorted(names)
+
+
+PUBLIC_MODULES = _public_module_names()
+
+
+def test_public_modules_found():
+    assert {"skmetavi", "skmetavi.divergences", "skmetavi.estimators"} <= set(PUBLIC_MODULES)
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_public_module_has_all(module_name):
+    """Every public module declares ``__all__``, without duplicates, of names it has."""
+    module = importlib.import_module(module_name)
+    assert hasattr(module, "__all__"), f"{module_name} has no __all__"
+    assert len(set(module.__all__)) == len(module.__all__), "duplicate names in __all__"
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == []
+
+
+def _defines_all(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(
+        isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+        for node in tree.body
+    )
+
+
+PRIVATE_MODULES_WITH_ALL = sorted(
+    _module_name(p)
+    for p in ALL_FILES
+    if _module_name(p) not in PUBLIC_MODULES
+    and p.name != "__main__.py"  # importing it runs the command line
+    and _defines_all(p)
+)
+
+
+@pytest.mark.parametrize("module_name", PRIVATE_MODULES_WITH_ALL)
+def test_private_all_names_exist(module_name):
+    """Private modules that declare ``__all__`` list only names they define."""
+    module = importlib.import_module(module_name)
+    assert [name for name in module.__all__ if not hasattr(module, name)] == []
+
+
+# ------------------------------------------------------------ fitted estimators
+@pytest.fixture(scope="module")
+def mog_tasks():
+    return make_mog_tasks(4, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def fitted_vi():
+    """A plain ``fit`` on the conjugate Gaussian-mean model (no meta state)."""
+    X = np.random.RandomState(0).normal(1.0, 1.0, size=(30, 2))
+    est = MetaDivergenceVI(divergence="renyi", max_iter=20, n_particles=8, random_state=0)
+    return est.fit(X), X, None
+
+
+@pytest.fixture(scope="module")
+def fitted_blr():
+    """A supervised model (needs ``y``), a full-covariance q and a NeuralF divergence."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(30, 2))
+    y = X @ np.array([1.0, -2.0]) + rng.normal(size=30)
+    est = MetaDivergenceVI(
+        "bayesian_linear_regression",
+        family="full_covariance",
+        divergence="neural_f",
+        max_iter=20,
+        n_particles=8,
+        n_score_particles=32,
+        random_state=0,
+    )
+    return est.fit(X, y), X, y
+
+
+@pytest.fixture(scope="module")
+def meta_fitted_vi(mog_tasks):
+    """Meta-fitted (Algorithm 1), then fitted on one task; default ``random_state=None``."""
+    X, groups = mog_tasks
+    est = MetaDivergenceVI(
+        "gaussian_mixture",
+        divergence="renyi",
+        inner_optimizer="sgd",
+        max_meta_iter=5,
+        max_iter=10,
+    )
+    est.meta_fit(X, groups=groups)
+    X0 = X[groups == 0]
+    return est.fit(X0), X0, None
+
+
+FITTED = ["fitted_vi", "fitted_blr", "meta_fitted_vi"]
+
+
+def _outputs(est, X, y):
+    Z = np.linspace(-3.0, 3.0, 7 * est.n_latent_).reshape(7, est.n_latent_)
+    return {
+        "score_samples": est.score_samples(Z),
+        "sample": est.sample(5),
+        "sample_seeded": est.sample(5, random_state=1),
+        "score": est.score(X, y),
+    }
+
+
+def _assert_outputs_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _tensors(obj, where="est"):
+    """Every tensor reachable from a fitted estimator's attributes, with its path."""
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in obj.state_dict(keep_vars=True).items():
+            yield f"{where}.{name}", t
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_pickle_round_trip(name, request):
+    """Plain pickle restores identical outputs and tensors (no ``__getstate__`` needed)."""
+    est, X, y = request.getfixturevalue(name)
+    restored = pickle.loads(pickle.dumps(est))
+    _assert_outputs_equal(_outputs(est, X, y), _outputs(restored, X, y))
+    for attr in ("mean_", "covariance_", "loss_curve_"):
+        np.testing.assert_array_equal(getattr(est, attr), getattr(restored, attr))
+    tensors, restored_tensors = dict(_tensors(vars(est))), dict(_tensors(vars(restored)))
+    assert tensors.keys() == restored_tensors.keys()
+    for path, t in tensors.items():
+        torch.testing.assert_close(restored_tensors[path], t, rtol=0, atol=0, msg=path)
+
+
+def test_meta_state_survives_pickle(meta_fitted_vi):
+    est, _, _ = meta_fitted_vi
+    restored = pickle.loads(pickle.dumps(est))
+    assert restored.n_meta_iter_ == est.n_meta_iter_ == 5
+    np.testing.assert_array_equal(restored.meta_loss_curve_, est.meta_loss_curve_)
+    assert restored.meta_divergence_.alpha == est.meta_divergence_.alpha
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_state_is_on_cpu(name, request):
+    """STYLE 2.2: fitted tensors live on the CPU, so plain pickle works anywhere."""
+    est, _, _ = request.getfixturevalue(name)
+    tensors = dict(_tensors(est.variational_params_, "variational_params_"))
+    for attr in ("divergence_", "meta_divergence_"):
+        module = getattr(est, attr, None)
+        if module is not None:
+            named = chain(module.named_parameters(), module.named_buffers())
+            tensors.update({f"{attr}.{n}": t for n, t in named})
+    assert any(path.startswith("divergence_.") for path in tensors)
+    assert [path for path, t in tensors.items() if t.device.type != "cpu"] == []
+    # And every other tensor it holds (meta_init_, the warm-start state).
+    assert [path for path, t in _tensors(vars(est)) if t.device.type != "cpu"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no cuda device")
+def test_cuda_fit_leaves_state_on_cpu(mog_tasks):
+    X, groups = mog_tasks
+    est = MetaDivergenceVI(
+        "gaussian_mixture",
+        divergence="renyi",
+        inner_optimizer="sgd",
+        max_meta_iter=3,
+        max_iter=5,
+        device="cuda",
+        random_state=0,
+    )
+    est.meta_fit(X, groups=groups).fit(X[groups == 0])
+    off_cpu = [path for path, t in _tensors(vars(est)) if t.device.type != "cpu"]
+    assert off_cpu == []
+    restored = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(restored.sample(3), est.sample(3))
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_score_and_sample_twice_identical(name, request):
+    """score, score_samples and sample are deterministic once fitted (even unseeded)."""
+    est, X, y = request.getfixturevalue(name)
+    _assert_outputs_equal(_outputs(est, X, y), _outputs(est, X, y))
+
+
+# ------------------------------------------------------------------- global RNG
+def _global_rng_state():
+    return np.random.get_state(), torch.random.get_rng_state()
+
+
+def _assert_global_rng_unchanged(before):
+    np_before, torch_before = before
+    np_after, torch_after = _global_rng_state()
+    assert np_after[0] == np_before[0]
+    np.testing.assert_array_equal(np_after[1], np_before[1])
+    assert np_after[2:] == np_before[2:]
+    assert torch.equal(torch_after, torch_before)
+
+
+@pytest.mark.parametrize("random_state", [0, None], ids=["seeded", "unseeded"])
+@pytest.mark.parametrize("divergence", ["kl", "renyi", "neural_f", "tail_adaptive", "f"])
+def test_global_rng_untouched(mog_tasks, divergence, random_state):
+    """fit, meta_fit, score and sample use their own generators only.
+
+    ``random_state=None`` draws fresh OS entropy instead of numpy's global RNG.
+    """
+    X, groups = mog_tasks
+    est = MetaDivergenceVI(
+        "gaussian_mixture",
+        divergence=divergence,
+        inner_optimizer="sgd",
+        meta_learn_init=divergence in ("kl", "tail_adaptive", "f"),
+        max_meta_iter=2,
+        max_iter=5,
+        n_particles=8,
+        n_score_particles=16,
+        random_state=random_state,
+    )
+    X0 = X[groups == 0]
+    before = _global_rng_state()
+    est.meta_fit(X, groups=groups)
+    _assert_global_rng_unchanged(before)
+    est.fit(X0)
+    _assert_global_rng_unchanged(before)
+    est.score(X0)
+    est.score_samples(np.zeros((3, 1)))
+    est.sample(4)
+    est.sample(4, random_state=0)
+    _assert_global_rng_unchanged(before)
+
+
+def test_unseeded_fits_differ(mog_tasks):
+    """``random_state=None`` is still random (fresh entropy, not a fixed seed)."""
+    X, groups = mog_tasks
+    X0 = X[groups == 0]
+    kwargs = dict(divergence="kl", max_iter=3, n_particles=8)
+    a = MetaDivergenceVI("gaussian_mixture", **kwargs).fit(X0)
+    b = MetaDivergenceVI("gaussian_mixture", **kwargs).fit(X0)
+    assert not np.array_equal(a.loss_curve_, b.loss_curve_)

@@ -1,0 +1,65 @@
+"""The reproduction machinery: CLI, output files and schema (with seconds-long budgets)."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from skmetavi._cli import main
+from skmetavi.experiments import EXPERIMENTS, reproduce
+from skmetavi.experiments._bo import bayesian_optimization
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3"])
+def test_reproduce_writes_documented_schema(name, tmp_path):
+    payload = reproduce(name, budget="smoke", out=tmp_path, seed=1, verbose=False)
+    on_disk = json.loads((tmp_path / f"{name}.json").read_text())
+    assert on_disk == payload
+    assert set(payload) == {"name", "budget", "rows", "seconds"}
+    assert payload["name"] == name and payload["budget"] == "smoke"
+    assert payload["seconds"] > 0
+    assert payload["rows"]
+    for row in payload["rows"]:
+        assert set(row) == {"method", "metric", "ours", "ours_std", "paper"}
+        assert isinstance(row["ours"], float)
+        assert row["ours_std"] is None or isinstance(row["ours_std"], float)
+        assert row["paper"] is None or isinstance(row["paper"], float)
+    assert any(row["paper"] is not None for row in payload["rows"])
+    with open(tmp_path / f"{name}.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == len(payload["rows"])
+    config = json.loads((tmp_path / f"{name}.config.json").read_text())
+    assert config["seed"] == 1
+    if name == "table2":
+        assert (tmp_path / "table2.png").stat().st_size > 10_000
+
+
+def test_cli_list_and_errors(capsys):
+    assert main(["reproduce", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert name in out
+    assert main(["reproduce", "table99"]) == 2
+    assert "unknown experiment 'table99'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table1", "--budget", "huge"])
+    with pytest.raises(ValueError, match="Unknown budget"):
+        reproduce("table1", budget="huge")
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run(
+        [sys.executable, "-m", "skmetavi", "reproduce", "list"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "table1" in res.stdout
+
+
+def test_bayesian_optimization_finds_minimum_of_smooth_function():
+    res = bayesian_optimization(lambda a: (a - 0.7) ** 2, (0.05, 2.0), n_evals=12, random_state=0)
+    assert abs(res.best_after(12) - 0.7) < 0.05
+    assert res.best_after(12) == res.x[int(min(range(12), key=lambda i: res.y[i]))]
+    assert len(res.t) == 12 and res.seconds_after(8) <= res.seconds_after(12)
