@@ -4,13 +4,14 @@
 # SPDX-License-Identifier: BSD-3-Clause
 
 from skmetavi.divergences import KL, FDivergence, NeuralF, Renyi, TailAdaptive
-from skmetavi.estimators import MetaDivergenceVI
+from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "KL",
     "FDivergence",
+    "MetaBNNRegressor",
     "MetaDivergenceVI",
     "NeuralF",
     "Renyi",

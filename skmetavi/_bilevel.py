@@ -456,8 +456,10 @@ class MetaTrainer:
         batch_size=None,
         generator,
         max_failures=10,
+        max_grad_norm=None,
     ):
         self.problem, self.divergence = problem, divergence
+        self.max_grad_norm = max_grad_norm
         self.inner_optimizer, self.meta_loss = inner_optimizer, meta_loss
         self.support, self.query = support, query
         self.learn_init = learn_init
@@ -534,6 +536,12 @@ class MetaTrainer:
         self.failures = 0
         for opt in (self.meta_optimizer, self.init_optimizer):
             if opt is not None:
+                if self.max_grad_norm is not None:
+                    # Clip eta's and phi_0's meta-gradients separately (MAML practice):
+                    # one exploding inner unroll must not throw the outer loop off.
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
+                    )
                 opt.step()
         if not self.learn_init:
             # Alg. 1: phi_i <- phi_i' (stored detached, persists across iterations).

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import skmetavi
-from skmetavi.datasets import make_mog_tasks
-from skmetavi.estimators import MetaDivergenceVI
+from skmetavi import Renyi
+from skmetavi.datasets import make_mog_tasks, make_sinusoid_tasks
+from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI
+from skmetavi.model_selection import TaskAdaptiveRegressor
 
 PACKAGE_DIR = Path(skmetavi.__file__).parent
 
@@ -245,10 +247,62 @@ def meta_fitted_vi(mog_tasks):
     return est.fit(X0), X0, None
 
 
-FITTED = ["fitted_vi", "fitted_blr", "meta_fitted_vi"]
+@pytest.fixture(scope="module")
+def sinusoid_tasks():
+    return make_sinusoid_tasks(4, 20, random_state=0)
+
+
+# A tiny Bayesian MLP (8 hidden units) with a few iterations of each loop.
+FAST_BNN = dict(hidden_layer_sizes=(8,), max_iter=10, n_particles=4, n_predict_samples=8)
+
+
+@pytest.fixture(scope="module")
+def fitted_bnn(sinusoid_tasks):
+    """A plain ``fit`` of the BNN (heteroskedastic noise head, a fixed Renyi alpha)."""
+    X, y, groups = sinusoid_tasks
+    X0, y0 = X[groups == 0], y[groups == 0]
+    est = MetaBNNRegressor(Renyi(0.5, learnable=False), **FAST_BNN, random_state=0)
+    return est.fit(X0, y0), X0, y0
+
+
+@pytest.fixture(scope="module")
+def meta_fitted_bnn(sinusoid_tasks):
+    """Meta-D&phi (learned alpha and initialisation), then fit; ``random_state=None``."""
+    X, y, groups = sinusoid_tasks
+    est = MetaBNNRegressor(
+        "renyi",
+        **FAST_BNN,
+        likelihood="homoskedastic",
+        meta_learn_init=True,
+        max_meta_iter=3,
+        n_tasks_per_batch=2,
+    )
+    est.meta_fit(X, y, groups=groups)
+    X0, y0 = X[groups == 0], y[groups == 0]
+    return est.fit(X0, y0), X0, y0
+
+
+FITTED = ["fitted_vi", "fitted_blr", "meta_fitted_vi", "fitted_bnn", "meta_fitted_bnn"]
+# Fitted attributes that must survive pickling unchanged, per estimator class.
+FITTED_ARRAYS = {
+    MetaDivergenceVI: ("mean_", "covariance_", "loss_curve_"),
+    MetaBNNRegressor: ("loss_curve_",),
+}
 
 
 def _outputs(est, X, y):
+    if isinstance(est, MetaBNNRegressor):
+        mean, std = est.predict(X, return_std=True)
+        return {
+            "predict": est.predict(X),
+            "predict_mean": mean,
+            "predict_std": std,
+            "predict_epistemic_std": est.predict(X, return_std=True, epistemic_only=True)[1],
+            "log_predictive_density": est.log_predictive_density(X, y),
+            "sample_y": est.sample_y(X, 3),
+            "sample_y_seeded": est.sample_y(X, 3, random_state=1),
+            "score": est.score(X, y),
+        }
     Z = np.linspace(-3.0, 3.0, 7 * est.n_latent_).reshape(7, est.n_latent_)
     return {
         "score_samples": est.score_samples(Z),
@@ -285,7 +339,7 @@ def test_pickle_round_trip(name, request):
     est, X, y = request.getfixturevalue(name)
     restored = pickle.loads(pickle.dumps(est))
     _assert_outputs_equal(_outputs(est, X, y), _outputs(restored, X, y))
-    for attr in ("mean_", "covariance_", "loss_curve_"):
+    for attr in FITTED_ARRAYS[type(est)]:
         np.testing.assert_array_equal(getattr(est, attr), getattr(restored, attr))
     tensors, restored_tensors = dict(_tensors(vars(est))), dict(_tensors(vars(restored)))
     assert tensors.keys() == restored_tensors.keys()
@@ -299,6 +353,43 @@ def test_meta_state_survives_pickle(meta_fitted_vi):
     assert restored.n_meta_iter_ == est.n_meta_iter_ == 5
     np.testing.assert_array_equal(restored.meta_loss_curve_, est.meta_loss_curve_)
     assert restored.meta_divergence_.alpha == est.meta_divergence_.alpha
+
+
+def test_bnn_meta_state_survives_pickle(meta_fitted_bnn):
+    est, _, _ = meta_fitted_bnn
+    restored = pickle.loads(pickle.dumps(est))
+    assert restored.n_meta_iter_ == est.n_meta_iter_ == 3
+    np.testing.assert_array_equal(restored.meta_loss_curve_, est.meta_loss_curve_)
+    np.testing.assert_array_equal(restored.meta_tasks_, [0, 1, 2, 3])
+    assert restored.meta_divergence_.alpha == est.meta_divergence_.alpha
+    assert restored.meta_init_.keys() == est.meta_init_.keys()
+    for key, t in est.meta_init_.items():
+        torch.testing.assert_close(restored.meta_init_[key], t, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def meta_fitted_adaptive(sinusoid_tasks):
+    """The cross-validation-over-tasks wrapper, meta-trained on three tasks."""
+    X, y, groups = sinusoid_tasks
+    train = groups < 3
+    est = TaskAdaptiveRegressor(
+        MetaBNNRegressor("renyi", **FAST_BNN, max_meta_iter=2, random_state=0),
+        random_state=0,
+    )
+    return est.fit(X[train], y[train], groups=groups[train]), X[~train], y[~train]
+
+
+def test_task_adaptive_pickle_round_trip(meta_fitted_adaptive):
+    """The wrapper pickles with its meta-trained estimator; held-out scores agree."""
+    est, X, y = meta_fitted_adaptive
+    restored = pickle.loads(pickle.dumps(est))
+    groups = np.zeros(X.shape[0], dtype=int)
+    for metric in ("r2", "mlpd"):
+        np.testing.assert_array_equal(
+            restored.score_tasks(X, y, groups, metric=metric),
+            est.score_tasks(X, y, groups, metric=metric),
+        )
+    assert [p for p, t in _tensors(vars(restored.estimator_)) if t.device.type != "cpu"] == []
 
 
 @pytest.mark.parametrize("name", FITTED)
@@ -341,6 +432,30 @@ def test_score_and_sample_twice_identical(name, request):
     """score, score_samples and sample are deterministic once fitted (even unseeded)."""
     est, X, y = request.getfixturevalue(name)
     _assert_outputs_equal(_outputs(est, X, y), _outputs(est, X, y))
+
+
+@pytest.mark.parametrize("name", ["fitted_bnn", "meta_fitted_bnn"])
+def test_bnn_predict_invariant_to_rows(name, request):
+    """STYLE 2.2: predict shares one set of weight draws across rows.
+
+    A row's prediction does not depend on which other rows, or in which order,
+    are predicted with it.
+    """
+    est, X, y = request.getfixturevalue(name)
+    perm = np.random.RandomState(0).permutation(X.shape[0])
+    mean, std = est.predict(X, return_std=True)
+    mean_p, std_p = est.predict(X[perm], return_std=True)
+    # float32 networks: chunking does not change the arithmetic per row, but BLAS
+    # may reorder sums for different batch sizes.
+    np.testing.assert_allclose(mean_p, mean[perm], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std_p, std[perm], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(est.predict(X[:3]), mean[:3], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        est.log_predictive_density(X[perm], y[perm]),
+        est.log_predictive_density(X, y)[perm],
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------- global RNG
@@ -389,6 +504,37 @@ def test_global_rng_untouched(mog_tasks, divergence, random_state):
     _assert_global_rng_unchanged(before)
 
 
+@pytest.mark.parametrize("random_state", [0, None], ids=["seeded", "unseeded"])
+@pytest.mark.parametrize("divergence", ["kl", "renyi", "neural_f"])
+def test_bnn_global_rng_untouched(sinusoid_tasks, divergence, random_state):
+    """MetaBNNRegressor and TaskAdaptiveRegressor leave numpy's and torch's global RNGs alone."""
+    X, y, groups = sinusoid_tasks
+    est = MetaBNNRegressor(
+        divergence,
+        **FAST_BNN,
+        meta_learn_init=divergence == "kl",
+        max_meta_iter=2,
+        n_tasks_per_batch=2,
+        batch_size=8,
+        random_state=random_state,
+    )
+    X0, y0 = X[groups == 0], y[groups == 0]
+    before = _global_rng_state()
+    est.meta_fit(X, y, groups=groups)
+    _assert_global_rng_unchanged(before)
+    est.fit(X0, y0)
+    _assert_global_rng_unchanged(before)
+    est.predict(X0, return_std=True)
+    est.log_predictive_density(X0, y0)
+    est.score(X0, y0)
+    est.sample_y(X0, 2)
+    est.sample_y(X0, 2, random_state=0)
+    _assert_global_rng_unchanged(before)
+    wrapper = TaskAdaptiveRegressor(est, random_state=random_state)
+    wrapper.fit(X, y, groups=groups).score(X, y, groups=groups)
+    _assert_global_rng_unchanged(before)
+
+
 def test_unseeded_fits_differ(mog_tasks):
     """``random_state=None`` is still random (fresh entropy, not a fixed seed)."""
     X, groups = mog_tasks
@@ -396,4 +542,12 @@ def test_unseeded_fits_differ(mog_tasks):
     kwargs = dict(divergence="kl", max_iter=3, n_particles=8)
     a = MetaDivergenceVI("gaussian_mixture", **kwargs).fit(X0)
     b = MetaDivergenceVI("gaussian_mixture", **kwargs).fit(X0)
+    assert not np.array_equal(a.loss_curve_, b.loss_curve_)
+
+
+def test_unseeded_bnn_fits_differ(sinusoid_tasks):
+    X, y, groups = sinusoid_tasks
+    X0, y0 = X[groups == 0], y[groups == 0]
+    a = MetaBNNRegressor(**FAST_BNN).fit(X0, y0)
+    b = MetaBNNRegressor(**FAST_BNN).fit(X0, y0)
     assert not np.array_equal(a.loss_curve_, b.loss_curve_)

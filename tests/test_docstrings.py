@@ -16,6 +16,8 @@ PUBLIC_MODULES = [
     "skmetavi.datasets",
     "skmetavi.divergences",
     "skmetavi.estimators",
+    "skmetavi.metrics",
+    "skmetavi.model_selection",
     "skmetavi.models",
 ]
 
@@ -118,6 +120,23 @@ def test_public_api_is_covered():
     assert "skmetavi.divergences.Renyi" in names
     assert "skmetavi.datasets.make_mog_tasks" in names
     assert "skmetavi.models._targets.GaussianMean" in names
+    assert "skmetavi.estimators._bnn.MetaBNNRegressor" in names
+    assert "skmetavi.metrics.get_scorer" in names
+    assert "skmetavi.model_selection.TaskAdaptiveRegressor" in names
+    assert "skmetavi.model_selection.support_query_split" in names
+
+
+def test_public_methods_are_covered():
+    """Methods defined in skmetavi are validated, inherited sklearn ones are not."""
+    targets = set(_docstring_targets())
+    bnn = "skmetavi.estimators._bnn.MetaBNNRegressor"
+    base = "skmetavi.estimators._base._BaseMetaVI"
+    adaptive = "skmetavi.model_selection.TaskAdaptiveRegressor"
+    assert {f"{bnn}.predict", f"{bnn}.log_predictive_density", f"{bnn}.sample_y"} <= targets
+    assert {f"{base}.fit", f"{base}.meta_fit"} <= targets
+    methods = ("fit", "adapt", "predict", "score", "score_tasks")
+    assert {f"{adaptive}.{m}" for m in methods} <= targets
+    assert not [t for t in targets if t.startswith("sklearn.")]
 
 
 @pytest.mark.parametrize("import_path", _docstring_targets())

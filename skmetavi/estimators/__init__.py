@@ -3,6 +3,7 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+from skmetavi.estimators._bnn import MetaBNNRegressor
 from skmetavi.estimators._divergence_vi import MetaDivergenceVI
 
-__all__ = ["MetaDivergenceVI"]
+__all__ = ["MetaBNNRegressor", "MetaDivergenceVI"]

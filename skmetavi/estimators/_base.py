@@ -9,6 +9,7 @@ back.  Fitted state lives on the CPU so that estimators pickle anywhere.
 # SPDX-License-Identifier: BSD-3-Clause
 
 import copy
+import hashlib
 import warnings
 from numbers import Integral, Real
 
@@ -19,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d
 
-from skmetavi import _torch
+from skmetavi import _checkpoint, _torch
 from skmetavi._bilevel import (
     GRADIENT_MODES,
     CallableMetaLoss,
@@ -115,6 +116,7 @@ class _BaseMetaVI(BaseEstimator):
         "meta_learn_init": ["boolean"],
         "meta_gradient": [StrOptions(set(GRADIENT_MODES))],
         "truncate": [Interval(Integral, 1, None, closed="left"), None],
+        "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "dtype": [StrOptions({"float32", "float64"})],
         "device": [str, HasMethods(["type"])],
@@ -133,7 +135,7 @@ class _BaseMetaVI(BaseEstimator):
     def _validate_task_data(self, X, y, reset):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _initial_params(self, problem, n_tasks, tasks):
+    def _initial_params(self, problem, n_tasks, tasks, generator):
         """Fresh variational (and model) parameters for ``n_tasks`` tasks."""
         family, target = problem
         params = family.init_params(
@@ -231,13 +233,40 @@ class _BaseMetaVI(BaseEstimator):
                 "choose truncate <= n_inner_steps."
             )
 
+    def _transform_meta_targets(self, y, support_idx, query_idx):
+        """Per-task transformation of ``y`` before meta-training (identity here)."""
+        return y
+
+    def _transform_fit_targets(self, y):
+        """Transformation of one task's ``y`` before ``fit`` (identity here)."""
+        return y
+
     # -------------------------------------------------------- meta_fit
     def _support_query(self, X, y, index, rng):
-        """Split each task's rows into support (inner loop) and query (meta-loss)."""
-        return index, index
+        """Split each task's rows into support (inner loop) and query (meta-loss).
+
+        Only for models with a per-row likelihood (held-out predictive meta-loss);
+        otherwise both parts are the whole task.
+        """
+        if not self._make_target().has_likelihood:
+            return index, index
+        support, query = [], []
+        for t, rows in enumerate(index):
+            if rows.shape[0] < 2:
+                raise ValueError(
+                    f"Task {t} has {rows.shape[0]} row(s); the held-out meta-loss needs at "
+                    "least 2 rows per task (one support, one query). Merge small tasks or "
+                    "use more data per task."
+                )
+            perm = rng.permutation(rows)
+            n_query = min(rows.shape[0] - 1, max(1, int(round(self.query_fraction * rows.shape[0]))))
+            query.append(np.sort(perm[:n_query]))
+            support.append(np.sort(perm[n_query:]))
+        return support, query
+
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def meta_fit(self, X, y=None, groups=None):
+    def meta_fit(self, X, y=None, groups=None, checkpoint=None, checkpoint_every=50):
         """Meta-learn the divergence (and with ``meta_learn_init``, the initialisation).
 
         Each distinct value of ``groups`` is one training task.  Runs Algorithm 1
@@ -252,6 +281,15 @@ class _BaseMetaVI(BaseEstimator):
             Targets, for models that need them.
         groups : array-like of shape (n_samples,)
             Task label of each row.
+        checkpoint : str or path, default=None
+            File for periodic checkpoints of the whole meta-training state
+            (divergence, optimisers, per-task parameters, RNG).  If it exists,
+            meta-training resumes from it, and the result is the same as that
+            of an uninterrupted run; it must have been written for the same
+            data and settings.  Written atomically; loaded with
+            ``torch.load(..., weights_only=True)``.
+        checkpoint_every : int, default=50
+            Outer iterations between checkpoints.
 
         Returns
         -------
@@ -268,6 +306,7 @@ class _BaseMetaVI(BaseEstimator):
         rng = _check_random_state(self.random_state)
         generator = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
         support_idx, query_idx = self._support_query(X, y, index, rng)
+        y = self._transform_meta_targets(y, support_idx, query_idx)
         support = self._to_tasks(X, y, support_idx)
         query = self._to_tasks(X, y, query_idx)
         meta_loss = self._make_meta_loss(problem, support)
@@ -284,7 +323,7 @@ class _BaseMetaVI(BaseEstimator):
                 "parameters and meta_learn_init=False. Use a learnable divergence "
                 "('renyi', 'neural_f', Renyi(learnable=True)) or meta_learn_init=True."
             )
-        init = self._initial_params(problem, support.n_tasks, support)
+        init = self._initial_params(problem, support.n_tasks, support, generator)
         optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
         trainer = MetaTrainer(
             problem, divergence, optimizer, meta_loss, support, query,
@@ -292,23 +331,36 @@ class _BaseMetaVI(BaseEstimator):
             n_inner_steps=self.n_inner_steps, n_particles=self.n_particles,
             n_tasks_per_batch=self.n_tasks_per_batch, meta_lr=self.meta_lr,
             init_lr=self.init_lr, mode=self.meta_gradient, truncate=self.truncate,
-            batch_size=self.batch_size, generator=generator,
+            batch_size=self.batch_size, generator=generator, max_grad_norm=self.max_grad_norm,
         )
         if warm:
             self._load_meta_state(trainer)
-        bar = _progress(self.max_meta_iter, self.verbose, "meta_fit")
+        n_todo = self.max_meta_iter
+        if checkpoint is not None:
+            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, Integral) or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
+            fingerprint = self._fingerprint(X, y, groups)
+            start = _checkpoint.load(checkpoint, fingerprint)
+            if start is not None:
+                trainer.load_state_dict(start)
+                n_todo = max(0, self.max_meta_iter - trainer.n_iter)
+        bar = _progress(n_todo, self.verbose, "meta_fit")
         interrupted = False
         try:
-            for _ in range(self.max_meta_iter):
+            for _ in range(n_todo):
                 value = trainer.step()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{value:.4g}")
+                if checkpoint is not None and trainer.n_iter % checkpoint_every == 0:
+                    _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             if bar is not None:
                 bar.close()
+        if checkpoint is not None:
+            _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
         self._store_meta_state(trainer, labels)
         if interrupted:
             warnings.warn(
@@ -318,6 +370,19 @@ class _BaseMetaVI(BaseEstimator):
                 stacklevel=2,
             )
         return self
+
+    def _fingerprint(self, X, y, groups):
+        """Hash of the data and of every parameter that changes the meta-training run."""
+        h = hashlib.sha256()
+        for arr in (X, y, np.asarray(groups)):
+            if arr is not None:
+                arr = np.ascontiguousarray(arr)
+                h.update(str((arr.dtype.str, arr.shape)).encode())
+                h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
+        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device"}
+        params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
+        h.update(repr(sorted(params.items())).encode())
+        return h.hexdigest()
 
     def _store_meta_state(self, trainer, labels):
         self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
@@ -374,6 +439,7 @@ class _BaseMetaVI(BaseEstimator):
         X, y = self._validate_task_data(X, y, reset=True)
         problem = self._problem(X.shape[1])
         self._check_target_rows(problem.target, X, y)
+        y = self._transform_fit_targets(y)
         rng = _check_random_state(self.random_state)
         seed = _torch.seed_from_random_state(rng)
         generator = _torch.make_generator(seed, self._device)
@@ -392,7 +458,7 @@ class _BaseMetaVI(BaseEstimator):
         elif hasattr(self, "meta_init_"):
             params = _torch.tree_to(self.meta_init_, self._device)
         else:
-            params = self._initial_params(problem, 1, tasks)
+            params = self._initial_params(problem, 1, tasks, generator)
         params = {k: v.to(self._dtype) for k, v in params.items()}
         optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
         state = optimizer.init(params)
@@ -448,7 +514,7 @@ class _BaseMetaVI(BaseEstimator):
         return self.max_iter * max(1, -(-n // self.batch_size))
 
     def _check_warm_params(self, params, problem):
-        fresh = self._initial_params(problem, 1, None)
+        fresh = self._initial_params(problem, 1, None, _torch.make_generator(0, self._device))
         for k, v in fresh.items():
             if k not in params or params[k].shape != v.shape:
                 raise ValueError(

@@ -98,6 +98,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         ``truncate`` steps only.
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
+    max_grad_norm : float, default=None
+        Clip the norm of the meta-gradients of the divergence and of the
+        initialisation (separately) before each outer Adam step; None disables
+        clipping.  Unrolled inner loops occasionally produce huge
+        meta-gradients that derail meta-training (as in MAML).
     query_fraction : float, default=0.5
         Fraction of each training task's rows held out for the ``"nll"``
         meta-loss (models with a per-row likelihood).
@@ -219,6 +224,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         meta_learn_init=False,
         meta_gradient="full",
         truncate=None,
+        max_grad_norm=None,
         query_fraction=0.5,
         batch_size=None,
         n_score_particles=1000,
@@ -248,6 +254,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         self.meta_learn_init = meta_learn_init
         self.meta_gradient = meta_gradient
         self.truncate = truncate
+        self.max_grad_norm = max_grad_norm
         self.query_fraction = query_fraction
         self.batch_size = batch_size
         self.n_score_particles = n_score_particles
@@ -289,23 +296,6 @@ class MetaDivergenceVI(_BaseMetaVI):
             return X, y
         X = validate_data(self, X, reset=reset, dtype=dtypes)
         return X, None
-
-    def _support_query(self, X, y, index, rng):
-        if not self._make_target().has_likelihood:
-            return index, index
-        support, query = [], []
-        for t, rows in enumerate(index):
-            if rows.shape[0] < 2:
-                raise ValueError(
-                    f"Task {t} has {rows.shape[0]} row(s); the held-out meta-loss needs at "
-                    "least 2 rows per task (one support, one query). Merge small tasks or "
-                    "use more data per task."
-                )
-            perm = rng.permutation(rows)
-            n_query = min(rows.shape[0] - 1, max(1, int(round(self.query_fraction * rows.shape[0]))))
-            query.append(np.sort(perm[:n_query]))
-            support.append(np.sort(perm[n_query:]))
-        return support, query
 
     def _after_fit(self, problem, tasks):
         family = problem.family

@@ -6,7 +6,7 @@
 import time
 from pathlib import Path
 
-from skmetavi.experiments import _mog
+from skmetavi.experiments import _bnn, _mog
 from skmetavi.experiments._report import Row, format_table, write_results
 
 __all__ = ["EXPERIMENTS", "reproduce", "Row"]
@@ -24,6 +24,14 @@ EXPERIMENTS = {
     "table3": (
         "MoG, Meta-D&phi (B=20): VI&phi vs meta-alpha&phi vs meta-f&phi, ranks at 20/100 iterations",
         _mog.table3, _mog.BUDGETS, None, _mog.config,
+    ),
+    "table4": (
+        "BNN sinusoids, Meta-D (1000 points): VI / VI(alpha=0.5) / meta-alpha / meta-f; Fig. 3",
+        _bnn.table4, _bnn.BUDGETS, _bnn.plot_figure3, _bnn.config,
+    ),
+    "table5": (
+        "BNN sinusoids, Meta-D&phi (40 points): VI / VI&phi / meta-alpha&phi / meta-f&phi; Fig. 3",
+        _bnn.table5, _bnn.BUDGETS, _bnn.plot_figure3, _bnn.config,
     ),
 }
 

@@ -3,6 +3,7 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+from skmetavi.models._bnn import BNNRegression
 from skmetavi.models._families import (
     FAMILY_NAMES,
     FullCovarianceGaussian,
@@ -22,6 +23,7 @@ from skmetavi.models._targets import (
 __all__ = [
     "FAMILY_NAMES",
     "TARGET_NAMES",
+    "BNNRegression",
     "BayesianLinearRegression",
     "CallableTarget",
     "FullCovarianceGaussian",

@@ -1,0 +1,268 @@
+"""skmetavi benchmarks: ratios against baselines measured side by side in the same run.
+
+Usage::
+
+    python benchmarks/run.py --json OUT.json            # benchmarks 1-4
+    python benchmarks/run.py --json OUT.json --reproduce  # also 5 (long)
+
+1. one Rényi inner VI step on the 1-50-50-1 BNN (N=1000, K=10) vs Pyro's
+   ``RenyiELBO`` SVI step on the same model (needs ``pip install -e .[bench]``);
+2. one meta-iteration, M=16 tasks, B=5: batched engine vs a per-task loop,
+   at N=40 and N=1000;
+3. peak memory of one meta-gradient for B in {1, 10, 100} per meta-gradient
+   mode (each configuration in a fresh subprocess, peak RSS);
+4. achieved GFLOP/s of the BNN step vs this machine's float32 matmul peak;
+5. wall time of ``skmetavi reproduce table4 --budget paper`` and ``table5``.
+
+Benchmarks are not tests: timings on shared machines are noisy, so every
+number is a median over repetitions and every goal is a ratio measured in the
+same process.
+"""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from skmetavi import _torch
+from skmetavi._bilevel import MetaTrainer, PredictiveNLL, Problem, inner_step
+from skmetavi._optim import Adam, SGD
+from skmetavi._tasks import pad_tasks
+from skmetavi.datasets import make_sinusoid_tasks
+from skmetavi.divergences import Renyi
+from skmetavi.models import BNNRegression, MeanFieldGaussian
+
+BNN2 = dict(hidden_layer_sizes=(50, 50), likelihood="homoskedastic")
+
+
+def _median_time(fn, n_rep, n_warmup=3):
+    for _ in range(n_warmup):
+        fn()
+    times = []
+    for _ in range(n_rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bnn_problem(n_tasks, n_points, seed=0, **model):
+    X, y, g = make_sinusoid_tasks(n_tasks, n_points, random_state=seed)
+    y = (y - y.mean()) / y.std()
+    target = BNNRegression(**(model or BNN2))
+    problem = Problem(MeanFieldGaussian(target.n_latent(1)), target)
+    Xs = [torch.as_tensor(X[g == i], dtype=torch.float32) for i in range(n_tasks)]
+    ys = [torch.as_tensor(y[g == i], dtype=torch.float32) for i in range(n_tasks)]
+    tasks = pad_tasks(Xs, ys)
+    gen = _torch.make_generator(seed)
+    params = problem.family.init_params(n_tasks, scale=0.01, dtype=torch.float32, device="cpu")
+    params["loc"] = target.init_loc(n_tasks, 1, generator=gen, dtype=torch.float32, device="cpu")
+    params.update(target.init_params(n_tasks, dtype=torch.float32, device="cpu"))
+    return problem, tasks, params, gen, (X, y, g)
+
+
+# ------------------------------------------------------------------- 1
+def bench_pyro(n_rep=50):
+    """Our Rényi step (K=10, Adam) vs Pyro RenyiELBO + SVI + Adam on the same 1-50-50-1 BNN."""
+    problem, tasks, params, gen, (X, y, _) = _bnn_problem(1, 1000)
+    div = Renyi(0.5, learnable=False)
+    opt = Adam(1e-3)
+    state = {"p": params, "s": opt.init(params)}
+
+    def ours():
+        state["p"], state["s"], _ = inner_step(
+            problem, div, opt, state["p"], state["s"], tasks, n_particles=10, generator=gen
+        )
+
+    t_ours = _median_time(ours, n_rep)
+    out = {"ours_ms": 1e3 * t_ours}
+    try:
+        import pyro
+        import pyro.distributions as dist
+        from pyro.infer import SVI, RenyiELBO
+        from pyro.optim import Adam as PyroAdam
+    except ImportError:
+        out["pyro_ms"] = None
+        out["note"] = "pyro-ppl not installed (pip install -e .[bench])"
+        return out
+    target = problem.target
+    D = problem.family.n_latent
+    Xt = torch.as_tensor(X, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+
+    def model(Xt, yt):
+        z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))  # (K, D) vectorised
+        log_noise = pyro.param("log_noise", torch.tensor(0.5413))
+        zz = z.reshape(1, -1, D) if z.dim() > 1 else z.reshape(1, 1, D)
+        mean, _ = target.forward(zz, Xt.unsqueeze(0), {"log_noise": log_noise.reshape(1, 1)})
+        mean = mean[0]  # (K, n)
+        sigma = torch.nn.functional.softplus(log_noise) + 1e-3
+        with pyro.plate("data", yt.shape[0], dim=-1):
+            pyro.sample("y", dist.Normal(mean, sigma), obs=yt)
+
+    loc0 = params["loc"][0].clone()
+
+    def guide(Xt, yt):
+        loc = pyro.param("q_loc", loc0)
+        raw = pyro.param("q_raw", torch.full((D,), math.log(math.expm1(0.01))))
+        pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw)).to_event(1))
+
+    pyro.clear_param_store()
+    svi = SVI(model, guide, PyroAdam({"lr": 1e-3}),
+              loss=RenyiELBO(alpha=0.5, num_particles=10, vectorize_particles=True))
+    t_pyro = _median_time(lambda: svi.step(Xt, yt), n_rep)
+    out.update(pyro_ms=1e3 * t_pyro, ratio=t_pyro / t_ours, goal=3.0)
+    return out
+
+
+# ------------------------------------------------------------------- 2
+def _trainer(problem, tasks, params, gen, M):
+    return MetaTrainer(
+        problem, Renyi(1.0), SGD(1e-3), PredictiveNLL(10), tasks, tasks,
+        init_params=params, learn_init=False, n_inner_steps=5, n_particles=10,
+        n_tasks_per_batch=M, generator=gen,
+    )
+
+
+def bench_batched(n_points, M=16, n_rep=5):
+    """One meta-iteration (B=5) for M tasks at once vs one task at a time."""
+    problem, tasks, params, gen, _ = _bnn_problem(M, n_points)
+    batched = _trainer(problem, tasks, params, gen, M)
+    singles = [
+        _trainer(problem, tasks.index(slice(i, i + 1)), {k: v[i : i + 1] for k, v in params.items()},
+                 _torch.make_generator(i), 1)
+        for i in range(M)
+    ]
+
+    def loop():
+        for tr in singles:
+            tr.step()
+
+    t_b = _median_time(batched.step, n_rep, n_warmup=1)
+    t_l = _median_time(loop, n_rep, n_warmup=1)
+    goal = 6.0 if n_points <= 40 else 1.3
+    return {"N": n_points, "batched_s": t_b, "loop_s": t_l, "ratio": t_l / t_b, "goal": goal}
+
+
+# ------------------------------------------------------------------- 3
+_MEM_CHILD = r"""
+import resource, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from benchmarks.run import _bnn_problem, _trainer
+mode, B = sys.argv[1], int(sys.argv[2])
+problem, tasks, params, gen, _ = _bnn_problem(4, 200, hidden_layer_sizes=(50,))
+tr = _trainer(problem, tasks, params, gen, 4)
+tr.n_inner_steps = B
+tr.mode = mode
+tr.truncate = 1 if mode == "truncated" else None
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tr.step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak - base)
+"""
+
+
+def bench_memory(modes=("full", "first_order", "truncated", "implicit"), Bs=(1, 10, 100)):
+    """Peak-RSS growth (MiB) of one meta-gradient, each in a fresh process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _MEM_CHILD.format(root=root)
+    out = {}
+    for mode in modes:
+        for B in Bs:
+            res = subprocess.run([sys.executable, "-c", code, mode, str(B)],
+                                 capture_output=True, text=True, cwd=root)
+            if res.returncode != 0:
+                out[f"{mode}/B={B}"] = None
+                out[f"{mode}/error"] = res.stderr.strip().splitlines()[-1] if res.stderr else "failed"
+                continue
+            out[f"{mode}/B={B}"] = int(res.stdout.strip().splitlines()[-1]) / 1024.0
+    for mode in modes:
+        b1, b100 = out.get(f"{mode}/B=1"), out.get(f"{mode}/B=100")
+        if b1 and b100:
+            out[f"{mode}/ratio_B100_B1"] = b100 / max(b1, 1.0)
+    return out
+
+
+# ------------------------------------------------------------------- 4
+def bench_flops(n_rep=30):
+    """GFLOP/s of one BNN inner step (FlopCounterMode) vs a large float32 matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t_mm = _median_time(lambda: a @ b, 10)
+    peak = 2 * n**3 / t_mm / 1e9
+    problem, tasks, params, gen, _ = _bnn_problem(1, 1000)
+    div, opt = Renyi(0.5, learnable=False), Adam(1e-3)
+    state = opt.init(params)
+
+    def step():
+        inner_step(problem, div, opt, params, state, tasks, n_particles=10, generator=gen)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    t = _median_time(step, n_rep)
+    achieved = flops / t / 1e9
+    return {"matmul_peak_gflops": peak, "bnn_step_gflops": achieved,
+            "fraction_of_peak": achieved / peak, "goal": 0.4, "step_ms": 1e3 * t,
+            "flops_per_step": flops}
+
+
+# ------------------------------------------------------------------- 5
+def bench_reproduce(names=("table4", "table5")):
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "skmetavi", "reproduce", name, "--budget", "paper",
+                        "--out", "bench_results"], check=True)
+        out[name] = time.perf_counter() - t0
+    out["goals_s"] = {"table4": 600, "table5": 180}
+    return out
+
+
+def machine():
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--reproduce", action="store_true", help="also time table4/table5 paper")
+    parser.add_argument("--only", nargs="*", default=None, help="subset: pyro batched memory flops")
+    args = parser.parse_args(argv)
+    sel = set(args.only or ["pyro", "batched", "memory", "flops"])
+    results = {"machine": machine()}
+    if "pyro" in sel:
+        results["1_pyro_renyi_step"] = bench_pyro()
+    if "batched" in sel:
+        results["2_batched_vs_loop"] = [bench_batched(40), bench_batched(1000)]
+    if "memory" in sel:
+        results["3_memory_MiB"] = bench_memory()
+    if "flops" in sel:
+        results["4_flops"] = bench_flops()
+    if args.reproduce:
+        results["5_reproduce_seconds"] = bench_reproduce()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
