@@ -37,7 +37,7 @@ import torch
 
 from skmetavi import _torch
 from skmetavi._bilevel import MetaTrainer, PredictiveNLL, Problem, inner_step
-from skmetavi._optim import Adam, SGD
+from skmetavi._optim import Adam
 from skmetavi._tasks import pad_tasks
 from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.divergences import Renyi
@@ -129,7 +129,7 @@ def bench_pyro(n_rep=50):
 # ------------------------------------------------------------------- 2
 def _trainer(problem, tasks, params, gen, M):
     return MetaTrainer(
-        problem, Renyi(1.0), SGD(1e-3), PredictiveNLL(10), tasks, tasks,
+        problem, Renyi(1.0), Adam(1e-3), PredictiveNLL(10), tasks, tasks,
         init_params=params, learn_init=False, n_inner_steps=5, n_particles=10,
         n_tasks_per_batch=M, generator=gen,
     )

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from skmetavi._optim import detach_state, index_state, scatter_state
-from skmetavi._tasks import TaskBatch, minibatch
+from skmetavi._tasks import TaskBatch, TaskNoise, minibatch
 
 
 class Problem(NamedTuple):
@@ -49,7 +49,7 @@ class StepStats(NamedTuple):
     finite: torch.Tensor  # (M,) bool: log weights and direction finite
 
 
-GRADIENT_MODES = ("full", "first_order", "truncated")
+GRADIENT_MODES = ("full", "first_order", "truncated", "implicit")
 
 
 class NonFiniteError(FloatingPointError):
@@ -221,7 +221,9 @@ def inner_loop(
         ``"full"`` back-propagates through every step; ``"first_order"`` keeps
         only each step's direct dependence on eta (inner Jacobians taken as
         the identity, as first-order MAML); ``"truncated"`` back-propagates
-        fully through the last ``truncate`` steps and first-order before.
+        fully through the last ``truncate`` steps and treats earlier steps as
+        constants (identity Jacobian for the initialisation, no dependence on
+        eta), so that memory is bounded by ``truncate``.
     differentiable : bool
         If False nothing is recorded (plain VI).
     """
@@ -232,12 +234,19 @@ def inner_loop(
                 problem, divergence, optimizer, params, state, tasks,
                 n_particles=n_particles, generator=generator, batch_size=batch_size,
             )
-        else:
-            full = mode == "full" or (mode == "truncated" and b >= n_steps - truncate)
+        elif mode == "truncated" and b < n_steps - truncate:
+            # Outside the window: no graph at all (constant in eta), and an identity
+            # edge for phi_0 (Algorithm 2), so memory does not grow with B.
             params, state, st = inner_step(
                 problem, divergence, optimizer, params, state, tasks,
                 n_particles=n_particles, generator=generator, batch_size=batch_size,
-                create_graph=True, first_order_chain=not full,
+                create_graph=False, first_order_chain=True,
+            )
+        else:
+            params, state, st = inner_step(
+                problem, divergence, optimizer, params, state, tasks,
+                n_particles=n_particles, generator=generator, batch_size=batch_size,
+                create_graph=True, first_order_chain=mode == "first_order",
             )
         stats.append(st)
     return params, state, stats
@@ -457,9 +466,25 @@ class MetaTrainer:
         generator,
         max_failures=10,
         max_grad_norm=None,
+        task_chunk_size=None,
+        implicit_steps=10,
+        implicit_damping=1e-4,
+        fixed_noise=False,
+        process_group=None,
     ):
         self.problem, self.divergence = problem, divergence
         self.max_grad_norm = max_grad_norm
+        self.task_chunk_size = task_chunk_size
+        self.implicit_steps, self.implicit_damping = implicit_steps, implicit_damping
+        self.fixed_noise = fixed_noise
+        if mode == "implicit" and learn_init:
+            raise ValueError(
+                "meta_gradient='implicit' differentiates through a fixed point of the inner "
+                "loop, which does not depend on the initialisation: it cannot learn one "
+                "(meta_learn_init=True). Use 'full', 'truncated' or 'first_order'."
+            )
+        self.process_group = process_group
+        self.rank, self.world_size = _distributed_rank(process_group)
         self.inner_optimizer, self.meta_loss = inner_optimizer, meta_loss
         self.support, self.query = support, query
         self.learn_init = learn_init
@@ -494,63 +519,192 @@ class MetaTrainer:
             return torch.arange(self.n_tasks)
         return torch.randperm(self.n_tasks, generator=self.generator)[:M]
 
+    def _my_rows(self, M):
+        """Rows of the sampled batch handled by this process (all, unless distributed)."""
+        rows = torch.arange(M)
+        if self.world_size > 1:
+            rows = rows.tensor_split(self.world_size)[self.rank]
+        return rows
+
+    def _start_params(self, task_ids, m):
+        if self.learn_init:
+            params = {k: v.expand((m,) + v.shape[1:]) for k, v in self.init_params.items()}
+            state = self.inner_optimizer.init({k: v.detach() for k, v in params.items()})
+        else:
+            params = {k: v[task_ids].requires_grad_(self.differentiable) for k, v in self.task_params.items()}
+            state = index_state(self.task_state, task_ids)
+        return params, state
+
+    def _chunk(self, task_ids, noise, M):
+        """Inner loop + meta-loss for one chunk of tasks; accumulates meta-gradients.
+
+        Returns ``(sum of J over the chunk, new params, new state, ok)``.
+        """
+        support, query = self.support.index(task_ids), self.query.index(task_ids)
+        m = task_ids.numel()
+        params, state = self._start_params(task_ids, m)
+        if self.mode == "implicit":
+            return self._implicit_chunk(params, state, support, query, noise, M)
+        params, state, stats = inner_loop(
+            self.problem, self.divergence, self.inner_optimizer, params, state, support,
+            n_steps=self.n_inner_steps, n_particles=self.n_particles, generator=noise,
+            mode=self.mode, truncate=self.truncate, differentiable=self.differentiable,
+            batch_size=self.batch_size,
+        )
+        J = self.meta_loss(self.problem, params, query, generator=noise)  # (m,)
+        inner_ok = torch.stack([st.finite for st in stats]).all(0) & _finite_params(params)
+        J_sum = J.sum()
+        ok = bool(torch.isfinite(J_sum)) and bool(inner_ok.all())
+        if ok and self.differentiable:
+            # mean over the M tasks of the whole outer batch, accumulated chunk by chunk
+            (J_sum / M).backward()
+        return float(J_sum.detach()), _detached(params), detach_state(state), ok
+
+    def _implicit_chunk(self, params, state, support, query, noise, M):
+        """Implicit meta-gradient at the end of the inner loop (treated as a fixed point).
+
+        With the inner optimality condition ``g(phi*, eta) = 0`` (``g`` the
+        update direction), ``dJ/deta = -x^T dg/deta`` where ``H^T x = dJ/dphi``
+        and ``H = dg/dphi``; ``x`` comes from conjugate gradients on the normal
+        equations ``(H H^T + damping I) x = H dJ/dphi`` (``H`` need not be
+        symmetric: path-derivative directions are not gradients).
+        """
+        params, state, stats = inner_loop(
+            self.problem, self.divergence, self.inner_optimizer, params, state, support,
+            n_steps=self.n_inner_steps, n_particles=self.n_particles, generator=noise,
+            differentiable=False, batch_size=self.batch_size,
+        )
+        phi = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        ref = phi[self.problem.family.param_names[0]]
+        eps = self.problem.family.sample_eps(
+            ref.shape[0], self.n_particles, generator=noise, dtype=ref.dtype, device=ref.device
+        )
+        g, st = inner_direction(self.problem, self.divergence, phi, support, eps, create_graph=True)
+        J = self.meta_loss(self.problem, phi, query, generator=noise)
+        J_sum = J.sum()
+        ok = bool(torch.isfinite(J_sum)) and bool(st.finite.all()) and bool(
+            torch.stack([s_.finite for s_ in stats]).all()
+        )
+        if ok:
+            keys = list(phi)
+            b = torch.autograd.grad(J_sum / M, [phi[k] for k in keys], allow_unused=True)
+            b = _zeros_for_none(b, [phi[k] for k in keys])
+            x = _solve_adjoint([g[k] for k in keys], [phi[k] for k in keys], list(b),
+                               n_steps=self.implicit_steps, damping=self.implicit_damping)
+            eta = [p for p in self.divergence.parameters() if p.requires_grad]
+            grads = torch.autograd.grad([g[k] for k in keys], eta, grad_outputs=x, allow_unused=True)
+            for p_, gr in zip(eta, _zeros_for_none(grads, eta)):
+                p_.grad = -gr if p_.grad is None else p_.grad - gr
+        return float(J_sum.detach()), _detached(params), detach_state(state), ok
+
+    def _optimizers(self):
+        return [o for o in (self.meta_optimizer, self.init_optimizer) if o is not None]
+
     def step(self) -> float:
         """One outer iteration; returns the mean meta-loss J (NaN if rolled back)."""
         idx = self._sample_tasks()
-        dev_idx = idx.to(self.support.X.device)
-        support, query = self.support.index(dev_idx), self.query.index(dev_idx)
         M = idx.numel()
-        if self.learn_init:
-            params = {k: v.expand((M,) + v.shape[1:]) for k, v in self.init_params.items()}
-            state = self.inner_optimizer.init({k: v.detach() for k, v in params.items()})
-        else:
-            params = {k: v[dev_idx].requires_grad_(True) for k, v in self.task_params.items()}
-            state = index_state(self.task_state, dev_idx)
-        params, state, stats = inner_loop(
-            self.problem, self.divergence, self.inner_optimizer, params, state, support,
-            n_steps=self.n_inner_steps, n_particles=self.n_particles,
-            generator=self.generator, mode=self.mode, truncate=self.truncate,
-            differentiable=self.differentiable, batch_size=self.batch_size,
-        )
-        J = self.meta_loss(self.problem, params, query, generator=self.generator)  # (M,)
-        inner_ok = torch.stack([s.finite for s in stats]).all(0) & _finite_params(params)
-        loss = J.mean()
-        ok = bool(torch.isfinite(loss)) and bool(inner_ok.all())
+        # One seed per outer iteration: every task's noise is the same however the batch
+        # is chunked or sharded across processes.
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        rows = self._my_rows(M)
+        chunk = self.task_chunk_size or max(1, rows.numel())
+        device = self.support.X.device
+        J_total, ok, pending = 0.0, True, []
+        for part in rows.split(chunk):
+            noise = TaskNoise(seed, M, part.to(device), fixed=self.fixed_noise)
+            task_ids = idx[part].to(device)
+            J_sum, new_params, new_state, part_ok = self._chunk(task_ids, noise, M)
+            J_total += J_sum
+            ok = ok and part_ok
+            pending.append((part, new_params, new_state))
+        if self.world_size > 1:
+            J_total, ok = self._sync_scalars(J_total, ok)
         if ok and self.differentiable:
-            for opt in (self.meta_optimizer, self.init_optimizer):
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.world_size > 1:
+                self._all_reduce_grads()
             ok = all(
                 p.grad is None or bool(torch.isfinite(p.grad).all())
-                for opt in (self.meta_optimizer, self.init_optimizer)
-                if opt is not None
-                for g in opt.param_groups
-                for p in g["params"]
+                for opt in self._optimizers() for grp in opt.param_groups for p in grp["params"]
             )
         if not ok:
+            for opt in self._optimizers():
+                opt.zero_grad(set_to_none=True)
             self._on_failure()
             self.n_iter += 1
             self.loss_curve.append(math.nan)
             return math.nan
         self.failures = 0
-        for opt in (self.meta_optimizer, self.init_optimizer):
-            if opt is not None:
-                if self.max_grad_norm is not None:
-                    # Clip eta's and phi_0's meta-gradients separately (MAML practice):
-                    # one exploding inner unroll must not throw the outer loop off.
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
-                    )
-                opt.step()
+        for opt in self._optimizers():
+            if self.max_grad_norm is not None:
+                # Clip eta's and phi_0's meta-gradients separately (MAML practice):
+                # one exploding inner unroll must not throw the outer loop off.
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
+                )
+            opt.step()
         if not self.learn_init:
             # Alg. 1: phi_i <- phi_i' (stored detached, persists across iterations).
-            scatter_state(self.task_params, dev_idx, {k: v.detach() for k, v in params.items()})
-            scatter_state(self.task_state, dev_idx, detach_state(state))
+            self._store_task_updates(idx, M, pending)
         self.n_iter += 1
-        value = float(loss.detach())
+        value = J_total / M
         self.loss_curve.append(value)
         return value
+
+    # ------------------------------------------------------ distributed
+    def _sync_scalars(self, J_total, ok):
+        import torch.distributed as dist
+
+        buf = torch.tensor([J_total, 0.0 if ok else 1.0], dtype=torch.float64)
+        dist.all_reduce(buf, group=self.process_group)
+        return float(buf[0]), bool(buf[1] == 0)
+
+    def _all_reduce_grads(self):
+        import torch.distributed as dist
+
+        for opt in self._optimizers():
+            for grp in opt.param_groups:
+                for p in grp["params"]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, group=self.process_group)
+
+    def _store_task_updates(self, idx, M, pending):
+        def full_like(tree):
+            if isinstance(tree, dict):
+                return {k: full_like(v) for k, v in tree.items()}
+            return tree.new_zeros((M,) + tree.shape[1:])
+
+        def fill(dst, rows, src):
+            if isinstance(dst, dict):
+                for k in dst:
+                    fill(dst[k], rows, src[k])
+            else:
+                dst[rows.to(dst.device)] = src
+
+        if self.world_size == 1 and len(pending) == 1:
+            rows, new_params, new_state = pending[0]
+            dev_idx = idx.to(self.support.X.device)
+            scatter_state(self.task_params, dev_idx, new_params)
+            scatter_state(self.task_state, dev_idx, new_state)
+            return
+        params_full = full_like(index_state(self.task_params, idx[:1].to(self.support.X.device)))
+        state_full = full_like(index_state(self.task_state, idx[:1].to(self.support.X.device)))
+        for rows, new_params, new_state in pending:
+            fill(params_full, rows, new_params)
+            fill(state_full, rows, new_state)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            # Each process filled its own rows and zeros elsewhere: a sum gathers them.
+            for tree in (params_full, state_full):
+                for t in _leaves(tree):
+                    dist.all_reduce(t, group=self.process_group)
+        dev_idx = idx.to(self.support.X.device)
+        scatter_state(self.task_params, dev_idx, params_full)
+        scatter_state(self.task_state, dev_idx, state_full)
 
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly where it stopped (CPU tensors)."""
@@ -629,3 +783,72 @@ class MetaTrainer:
                 "causes: meta_lr or inner_lr too large, or a divergence whose weights "
                 "overflow (extreme alpha). Try smaller step sizes."
             )
+
+
+# ------------------------------------------------------------------ helpers
+def _detached(params):
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _distributed_rank(process_group):
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _solve_adjoint(g, phi, b, *, n_steps, damping):
+    """Solve ``H^T x = b`` per task, ``H = dg/dphi``, by CG on ``(H H^T + damping) x = H b``.
+
+    ``H^T v`` is a vector-Jacobian product; ``H u`` is obtained as the
+    derivative of the linear map ``w -> H^T w`` in ``w`` (the double-vjp trick),
+    so nothing but reverse mode is needed.  Inner products are per task
+    (leading dimension), so every task runs its own CG.
+    """
+    w = [torch.zeros_like(t, requires_grad=True) for t in g]
+    s = torch.autograd.grad(g, phi, grad_outputs=w, create_graph=True, allow_unused=True)
+    s = _zeros_for_none(s, phi)
+
+    def HT(v):
+        out = torch.autograd.grad(g, phi, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return _zeros_for_none(out, phi)
+
+    def H(u):
+        out = torch.autograd.grad(s, w, grad_outputs=u, retain_graph=True, allow_unused=True)
+        return _zeros_for_none(out, w)
+
+    def A(v):
+        return [a + damping * c for a, c in zip(H(HT(v)), v)]
+
+    def dot(a, c):
+        return sum((x * y).reshape(x.shape[0], -1).sum(-1) for x, y in zip(a, c))
+
+    def bc(v, like):
+        return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+    rhs = [t.detach() for t in H([t.detach() for t in b])]
+    x = [torch.zeros_like(t) for t in rhs]
+    r = [t.clone() for t in rhs]
+    p = [t.clone() for t in rhs]
+    rs = dot(r, r)
+    tiny = torch.finfo(rhs[0].dtype).tiny
+    for _ in range(n_steps):
+        Ap = [t.detach() for t in A(p)]
+        alpha = rs / dot(p, Ap).clamp_min(tiny)
+        x = [xi + bc(alpha, xi) * pi for xi, pi in zip(x, p)]
+        r = [ri - bc(alpha, ri) * api for ri, api in zip(r, Ap)]
+        rs_new = dot(r, r)
+        beta = rs_new / rs.clamp_min(tiny)
+        p = [ri + bc(beta, ri) * pi for ri, pi in zip(r, p)]
+        rs = rs_new
+    return x

@@ -32,6 +32,20 @@ def save(path, state: dict, fingerprint: str) -> None:
         raise
 
 
+def check_path(path) -> None:
+    """Raise a clear error unless ``path`` is a file path (``str`` or ``os.PathLike``)."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint must be a file path (str or os.PathLike), got "
+            f"{type(path).__name__} {path!r:.60}; e.g. checkpoint='meta_fit.ckpt'."
+        )
+    if Path(path).is_dir():
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a directory; pass a file path inside it, e.g. "
+            f"{str(Path(path) / 'meta_fit.ckpt')!r}."
+        )
+
+
 def load(path, fingerprint: str):
     """The saved state, or None if ``path`` does not exist.
 
@@ -45,15 +59,28 @@ def load(path, fingerprint: str):
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # corrupted file or not a checkpoint
         raise ValueError(
-            f"Could not read the checkpoint {str(path)!r} ({type(exc).__name__}: {exc}). Delete "
-            "it to start over."
+            f"Could not read the checkpoint {str(path)!r} ({type(exc).__name__}: {exc}); the "
+            "file is corrupted, truncated or not a skmetavi checkpoint. Delete it to start "
+            "over, or pass another checkpoint path."
         ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} is not a skmetavi checkpoint (format {FORMAT_VERSION}).")
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != FORMAT_VERSION
+        or not {"fingerprint", "state"} <= payload.keys()
+    ):
+        found = (
+            f"format {payload.get('format')!r}"
+            if isinstance(payload, dict)
+            else f"a {type(payload).__name__}"
+        )
+        raise ValueError(
+            f"{str(path)!r} is not a skmetavi checkpoint of format {FORMAT_VERSION} (found "
+            f"{found}). Delete it to start over, or pass another checkpoint path."
+        )
     if payload["fingerprint"] != fingerprint:
         raise ValueError(
             f"The checkpoint {str(path)!r} was written for other data or settings than this "
             "meta_fit call (its fingerprint differs). Use the same X, y, groups and parameters "
-            "(max_meta_iter, verbose and device may change), or another checkpoint path."
+            "(max_meta_iter, max_iter, verbose, device and task_chunk_size may change), or another checkpoint path."
         )
     return payload["state"]

@@ -91,7 +91,7 @@ def minibatch(tasks: TaskBatch, batch_size: int, generator: torch.Generator) -> 
     n_max = tasks.X.shape[1]
     if batch_size >= n_max:
         return tasks
-    keys = torch.rand(tasks.mask.shape, generator=generator, device=tasks.X.device)
+    keys = rand(tasks.mask.shape, generator, device=tasks.X.device)
     keys = keys.masked_fill(~tasks.mask, 2.0)  # padding sorts last
     idx = keys.argsort(dim=-1)[:, :batch_size]  # (M, batch_size)
     mask = torch.gather(tasks.mask, 1, idx)
@@ -104,3 +104,63 @@ def minibatch(tasks: TaskBatch, batch_size: int, generator: torch.Generator) -> 
     n_used = mask.sum(-1).clamp(min=1)
     scale = tasks.lik_scale * n_rows.to(tasks.X.dtype) / n_used.to(tasks.X.dtype)
     return TaskBatch(X, y, mask, scale)
+
+
+class TaskNoise:
+    """Random numbers for a batch of tasks that do not depend on how the batch is split.
+
+    Every draw generates numbers for all ``n_total`` tasks from a fresh
+    generator seeded by ``(seed, draw index)`` and keeps the rows of this
+    shard, so that chunked, sharded (distributed) and whole-batch runs see
+    exactly the same noise for each task.  Shards must make the same sequence
+    of draws.
+
+    Parameters
+    ----------
+    seed : int
+        Base seed (one per outer iteration).
+    n_total : int
+        Number of tasks in the whole batch.
+    rows : torch.Tensor or slice
+        The tasks of this shard.
+    fixed : bool, default=False
+        Return the same numbers at every draw (deterministic inner problems,
+        used to test implicit gradients).
+    """
+
+    def __init__(self, seed: int, n_total: int, rows, fixed: bool = False):
+        self.seed, self.n_total, self.rows, self.fixed = int(seed), int(n_total), rows, fixed
+        self.counter = 0
+
+    def _generator(self, device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed((self.seed * 1_000_003 + self.counter) % (2**63 - 1))
+        if not self.fixed:
+            self.counter += 1
+        return g
+
+    def randn(self, shape, *, dtype, device) -> torch.Tensor:
+        """Standard normals of shape ``(n_rows, *shape[1:])``."""
+        g = self._generator(device)
+        full = torch.randn((self.n_total,) + tuple(shape[1:]), generator=g, dtype=dtype, device=device)
+        return full[self.rows]
+
+    def rand(self, shape, *, dtype=None, device=None) -> torch.Tensor:
+        """Uniforms on [0, 1) of shape ``(n_rows, *shape[1:])``."""
+        g = self._generator(device)
+        full = torch.rand((self.n_total,) + tuple(shape[1:]), generator=g, dtype=dtype, device=device)
+        return full[self.rows]
+
+
+def randn(shape, generator, *, dtype, device) -> torch.Tensor:
+    """``torch.randn`` from a ``torch.Generator`` or a :class:`TaskNoise`."""
+    if isinstance(generator, TaskNoise):
+        return generator.randn(shape, dtype=dtype, device=device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def rand(shape, generator, *, dtype=None, device=None) -> torch.Tensor:
+    """``torch.rand`` from a ``torch.Generator`` or a :class:`TaskNoise`."""
+    if isinstance(generator, TaskNoise):
+        return generator.rand(shape, dtype=dtype, device=device)
+    return torch.rand(shape, generator=generator, dtype=dtype, device=device)

@@ -3,13 +3,21 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
-import numpy as np
-from sklearn.utils import check_random_state
+import math
 from numbers import Integral, Real
 
+import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
+from skmetavi.estimators._base import _check_random_state
+
 __all__ = ["make_mog_tasks", "make_sinusoid_tasks"]
+
+_DEFAULT_RANGES = {
+    "x_range": (-4.0, 4.0),
+    "amplitude_range": (5.0, 10.0),
+    "phase_range": (0.0, 1.0),
+}
 
 
 @validate_params(
@@ -27,7 +35,8 @@ def make_mog_tasks(n_tasks=100, *, random_state=None):
     n_tasks : int, default=100
         Number of tasks.
     random_state : int, RandomState instance or None, default=None
-        Seed of the draw.
+        Seed of the draw; None draws fresh OS entropy (numpy's global RNG is
+        left untouched, as everywhere in skmetavi).
 
     Returns
     -------
@@ -48,7 +57,7 @@ def make_mog_tasks(n_tasks=100, *, random_state=None):
     >>> X.shape, groups.tolist()
     ((6, 3), [0, 0, 1, 1, 2, 2])
     """
-    rng = check_random_state(random_state)
+    rng = _check_random_state(random_state)
     mu1 = rng.uniform(0.0, 3.0, size=n_tasks)
     s1 = rng.uniform(0.5, 1.0, size=n_tasks)
     X = np.empty((n_tasks, 2, 3))
@@ -108,7 +117,8 @@ def make_sinusoid_tasks(
     phase_range : tuple of float, default=(0.0, 1.0)
         Interval of b.
     random_state : int, RandomState instance or None, default=None
-        Seed.
+        Seed; None draws fresh OS entropy (numpy's global RNG is left
+        untouched, as everywhere in skmetavi).
 
     Returns
     -------
@@ -133,9 +143,16 @@ def make_sinusoid_tasks(
     """
     for name, rng_ in (("x_range", x_range), ("amplitude_range", amplitude_range),
                        ("phase_range", phase_range)):
-        if len(rng_) != 2 or not all(isinstance(v, Real) for v in rng_) or not rng_[0] <= rng_[1]:
-            raise ValueError(f"{name} must be a tuple (low, high) with low <= high, got {rng_!r}.")
-    rng = check_random_state(random_state)
+        if (
+            len(rng_) != 2
+            or not all(isinstance(v, Real) and math.isfinite(v) for v in rng_)
+            or not rng_[0] <= rng_[1]
+        ):
+            raise ValueError(
+                f"{name} must be a tuple (low, high) of finite numbers with low <= high, got "
+                f"{rng_!r}; e.g. {name}={_DEFAULT_RANGES[name]!r}."
+            )
+    rng = _check_random_state(random_state)
     A = rng.uniform(*amplitude_range, size=(n_tasks, 1))
     b = rng.uniform(*phase_range, size=(n_tasks, 1))
     x = rng.uniform(*x_range, size=(n_tasks, n_samples))

@@ -53,12 +53,14 @@ def _log_mean_exp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def _check_log_w(log_w: torch.Tensor) -> None:
     if not isinstance(log_w, torch.Tensor):
         raise TypeError(
-            f"log-weights must be a torch.Tensor, got {type(log_w).__name__}."
+            f"log-weights must be a torch.Tensor, got {type(log_w).__name__}; convert them "
+            "with torch.as_tensor(log_w)."
         )
     if log_w.ndim == 0 or log_w.shape[-1] == 0:
         raise ValueError(
             "log-weights must have a trailing particle dimension of size >= 1, "
-            f"got shape {tuple(log_w.shape)}."
+            f"got shape {tuple(log_w.shape)}; pass shape (..., n_particles), e.g. "
+            "log_w.reshape(1) for a single particle."
         )
 
 
@@ -217,15 +219,15 @@ def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-def _check_positive_real(name, value, cls_name):
+def _check_positive_real(name, value, cls_name, hint=""):
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
             f"{cls_name}: {name} must be a real number, got "
-            f"{type(value).__name__} {value!r}."
+            f"{type(value).__name__} {value!r}.{hint}"
         )
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f"{cls_name}: {name} must be a finite number > 0, got {value!r}."
+            f"{cls_name}: {name} must be a finite number > 0, got {value!r}.{hint}"
         )
 
 
@@ -284,9 +286,18 @@ class Renyi(Divergence):
 
     def __init__(self, alpha=0.5, *, learnable=True):
         super().__init__()
-        _check_positive_real("alpha", alpha, "Renyi")
+        _check_positive_real(
+            "alpha",
+            alpha,
+            "Renyi",
+            " Use e.g. alpha=0.5; alpha=1 is KL(q||p) and a small alpha such as 1e-3 "
+            "approaches the importance-weighted (IWAE) bound.",
+        )
         if not isinstance(learnable, bool):
-            raise TypeError(f"Renyi: learnable must be a bool, got {learnable!r}.")
+            raise TypeError(
+                f"Renyi: learnable must be a bool, got {learnable!r}; pass True to "
+                "meta-learn alpha or False to keep it fixed."
+            )
         raw = torch.tensor(_inverse_softplus(float(alpha)), dtype=torch.float64)
         if learnable:
             self.raw_alpha = nn.Parameter(raw)
@@ -418,7 +429,8 @@ class FDivergence(Divergence):
         if log_g is None:
             if isinstance(a, bool) or not isinstance(a, Real) or not math.isfinite(a):
                 raise ValueError(
-                    f"FDivergence: a must be a finite real number, got {a!r}."
+                    f"FDivergence: a must be a finite real number, got {a!r}; e.g. a=0.0 "
+                    "(KL(q||p)), a=1.0 (KL(p||q)) or a=2.0 (chi-square)."
                 )
         elif not callable(log_g):
             raise TypeError(
@@ -426,7 +438,10 @@ class FDivergence(Divergence):
                 f"got {type(log_g).__name__}."
             )
         if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}.")
+            raise TypeError(
+                f"normalize must be a bool, got {normalize!r}; True for self-normalised "
+                "weights, False for the plain Monte Carlo weights g(t_k) / K."
+            )
         self.a = a
         self.log_g_fn = log_g
         self.normalize = normalize
@@ -587,14 +602,14 @@ class NeuralF(FDivergence):
         except TypeError:
             raise TypeError(
                 "NeuralF: hidden_layer_sizes must be a tuple of positive ints, got "
-                f"{hidden_layer_sizes!r}."
+                f"{hidden_layer_sizes!r}; e.g. (32,), or () for the linear term only."
             ) from None
         if any(
             isinstance(s, bool) or not isinstance(s, Integral) or s <= 0 for s in sizes
         ):
             raise ValueError(
                 "NeuralF: hidden_layer_sizes must contain positive ints, got "
-                f"{hidden_layer_sizes!r}."
+                f"{hidden_layer_sizes!r}; e.g. (32,), or () for the linear term only."
             )
         if activation not in _ACTIVATIONS:
             raise ValueError(
@@ -602,15 +617,23 @@ class NeuralF(FDivergence):
                 f"{activation!r}."
             )
         if isinstance(init_alpha, bool) or not isinstance(init_alpha, Real):
-            raise TypeError(f"NeuralF: init_alpha must be a real, got {init_alpha!r}.")
+            raise TypeError(
+                f"NeuralF: init_alpha must be a real number, got {init_alpha!r}; e.g. "
+                "init_alpha=1.0 (start from KL(q||p))."
+            )
         if not math.isfinite(init_alpha):
-            raise ValueError(f"NeuralF: init_alpha must be finite, got {init_alpha!r}.")
-        _check_positive_real("input_scale", input_scale, "NeuralF")
+            raise ValueError(
+                f"NeuralF: init_alpha must be finite, got {init_alpha!r}; e.g. init_alpha=1.0 "
+                "(start from KL(q||p))."
+            )
+        _check_positive_real("input_scale", input_scale, "NeuralF", " Use e.g. 0.1.")
         self.hidden_layer_sizes = sizes
         self.activation = activation
         self.init_alpha = init_alpha
         self.input_scale = input_scale
-        self.skip = nn.Linear(1, 1, dtype=torch.float64)
+        # skip_init: every weight is set explicitly below, so nn.Linear's default
+        # initialisation (which would draw from the global torch RNG) is skipped.
+        self.skip = nn.utils.skip_init(nn.Linear, 1, 1, dtype=torch.float64)
         with torch.no_grad():
             self.skip.weight.fill_(1.0 - float(init_alpha))
             self.skip.bias.zero_()
@@ -618,14 +641,14 @@ class NeuralF(FDivergence):
             gen = torch.Generator().manual_seed(0)
             layers, width = [], 1
             for size in sizes:
-                lin = nn.Linear(width, size, dtype=torch.float64)
+                lin = nn.utils.skip_init(nn.Linear, width, size, dtype=torch.float64)
                 with torch.no_grad():
                     bound = 1.0 / math.sqrt(width)
                     lin.weight.uniform_(-bound * 3, bound * 3, generator=gen)
                     lin.bias.uniform_(-2.0, 2.0, generator=gen)
                 layers += [lin, _ACTIVATIONS[activation]()]
                 width = size
-            out = nn.Linear(width, 1, dtype=torch.float64)
+            out = nn.utils.skip_init(nn.Linear, width, 1, dtype=torch.float64)
             with torch.no_grad():
                 out.weight.zero_()
                 out.bias.zero_()
@@ -698,10 +721,13 @@ class TailAdaptive(Divergence):
     def __init__(self, beta=-1.0):
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, Real):
-            raise TypeError(f"TailAdaptive: beta must be a real, got {beta!r}.")
+            raise TypeError(
+                f"TailAdaptive: beta must be a real number < 0, got {beta!r}; e.g. beta=-1.0."
+            )
         if not math.isfinite(beta) or beta >= 0:
             raise ValueError(
-                f"TailAdaptive: beta must be a finite number < 0, got {beta!r}."
+                f"TailAdaptive: beta must be a finite number < 0, got {beta!r}; e.g. "
+                "beta=-1.0 (the default of Wang et al. 2018)."
             )
         self.beta = beta
 

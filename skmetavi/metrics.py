@@ -36,11 +36,14 @@ def _as_float_array(value, name):
     try:
         array = np.asarray(value, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of numbers; got {value!r:.80}.") from exc
+        raise TypeError(
+            f"{name} must be an array of numbers; got {value!r:.80}. Convert it, e.g. with "
+            "np.asarray(..., dtype=float)."
+        ) from exc
     if not np.all(np.isfinite(array)):
         raise ValueError(
             f"{name} contains {np.sum(~np.isfinite(array))} NaN or inf value(s); "
-            "all entries must be finite."
+            "all entries must be finite: drop those rows first."
         )
     return array
 
@@ -65,14 +68,18 @@ def _check_1d(**arrays):
             array = array[:, 0]
         if array.ndim != 1:
             raise ValueError(
-                f"{name} must be 1-D of shape (n_samples,), got shape {array.shape}."
+                f"{name} must be 1-D of shape (n_samples,), got shape {array.shape}; pass one "
+                "value per sample (a column of shape (n_samples, 1) is also accepted)."
             )
         out.append(array)
     lengths = {name: a.shape[0] for name, a in zip(arrays, out)}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"Inputs have inconsistent numbers of samples: {lengths}.")
+        raise ValueError(
+            f"Inputs have inconsistent numbers of samples: {lengths}; pass one prediction "
+            "per target."
+        )
     if out[0].shape[0] == 0:
-        raise ValueError("Inputs are empty; at least one sample is needed.")
+        raise ValueError("Inputs are empty; pass at least one sample.")
     return out
 
 

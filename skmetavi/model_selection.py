@@ -33,10 +33,14 @@ from sklearn.utils.validation import (
     check_consistent_length,
     check_is_fitted,
     column_or_1d,
-    validate_data,
 )
 
-from skmetavi.estimators._base import _check_random_state
+from skmetavi.estimators._base import (
+    _check_random_state,
+    _validate_data,
+    _with_hint,
+    check_groups,
+)
 from skmetavi.metrics import _SCORE_FUNCS, SCORERS
 
 __all__ = ["support_query_split", "TaskAdaptiveRegressor"]
@@ -123,8 +127,14 @@ def support_query_split(X, y, groups, *, support_size=0.5, random_state=None):
     >>> gs.tolist(), gq.tolist()
     ([0, 1], [0, 0, 0, 1, 1, 1])
     """
-    X, y, groups = np.asarray(X), np.asarray(y), column_or_1d(groups)
-    check_consistent_length(X, y, groups)
+    X, y, groups = np.asarray(X), np.asarray(y), column_or_1d(groups, input_name="groups")
+    try:
+        check_consistent_length(X, y, groups)
+    except ValueError as exc:
+        hinted = _with_hint(exc)
+        if hinted is exc:
+            raise
+        raise hinted from exc
     mask = _support_masks(groups, support_size, random_state)
     return X[mask], X[~mask], y[mask], y[~mask], groups[mask], groups[~mask]
 
@@ -280,8 +290,8 @@ class TaskAdaptiveRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
             if hasattr(est, "feature_names_in_"):
                 self.feature_names_in_ = est.feature_names_in_
         else:
-            X, y = validate_data(self, X, y, y_numeric=True)
-            check_consistent_length(X, y, column_or_1d(groups))
+            X, y = _validate_data(self, X, y, y_numeric=True)
+            check_groups(groups, X.shape[0], min_tasks=1)
         self.meta_fitted_ = groups is not None
         self.estimator_ = est
         return self
@@ -357,9 +367,14 @@ class TaskAdaptiveRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
         metric = self.scoring if metric is None else metric
         if metric not in SCORERS:
             raise ValueError(f"Unknown metric {metric!r}; valid names are {list(SCORERS)}.")
-        X, y = validate_data(self, X, y, reset=False, y_numeric=True)
+        X, y = _validate_data(self, X, y, reset=False, y_numeric=True)
+        if groups is None:
+            raise ValueError(
+                "score_tasks needs groups, the task label of each row of X; pass an array "
+                "of shape (n_samples,)."
+            )
+        check_groups(groups, X.shape[0], min_tasks=1)
         groups = column_or_1d(groups)
-        check_consistent_length(X, y, groups)
         support = _support_masks(groups, self.support_size, self.random_state)
         labels = np.unique(groups)
         jobs = []

@@ -10,12 +10,14 @@ import pkgutil
 from itertools import chain
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pytest
 import torch
 
 import skmetavi
 from skmetavi import Renyi
+from skmetavi.divergences import KL, FDivergence, NeuralF, TailAdaptive, make_divergence
 from skmetavi.datasets import make_mog_tasks, make_sinusoid_tasks
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI
 from skmetavi.model_selection import TaskAdaptiveRegressor
@@ -551,3 +553,110 @@ def test_unseeded_bnn_fits_differ(sinusoid_tasks):
     a = MetaBNNRegressor(**FAST_BNN).fit(X0, y0)
     b = MetaBNNRegressor(**FAST_BNN).fit(X0, y0)
     assert not np.array_equal(a.loss_curve_, b.loss_curve_)
+
+
+def test_datasets_leave_global_rng_untouched():
+    """``random_state=None`` draws fresh OS entropy, as the estimators do."""
+    before = _global_rng_state()
+    a = make_mog_tasks(3)[0]
+    b = make_mog_tasks(3)[0]
+    c = make_sinusoid_tasks(2, 5)[1]
+    d = make_sinusoid_tasks(2, 5)[1]
+    _assert_global_rng_unchanged(before)
+    assert not np.array_equal(a, b) and not np.array_equal(c, d)
+    np.testing.assert_array_equal(
+        make_mog_tasks(3, random_state=0)[0], make_mog_tasks(3, random_state=0)[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        KL,
+        lambda: Renyi(0.3),
+        lambda: FDivergence(2.0),
+        TailAdaptive,
+        lambda: make_divergence("renyi"),
+        lambda: NeuralF((4,)),
+    ],
+    ids=["kl", "renyi", "f", "tail_adaptive", "make_divergence", "neural_f"],
+)
+def test_divergence_construction_leaves_global_rng_untouched(factory):
+    before = _global_rng_state()
+    factory()
+    _assert_global_rng_unchanged(before)
+
+
+# ------------------------------------------------------------------ determinism
+def _vi_alg1(seed):
+    X, groups = make_mog_tasks(4, random_state=0)
+    est = MetaDivergenceVI(
+        "gaussian_mixture", divergence="renyi", inner_optimizer="sgd", max_meta_iter=5,
+        max_iter=10, n_particles=8, n_score_particles=16, random_state=seed,
+    )
+    return est.meta_fit(X, groups=groups).fit(X[groups == 0]), X[groups == 0], None
+
+
+def _vi_alg2_neural_f(seed):
+    X, groups = make_mog_tasks(4, random_state=0)
+    est = MetaDivergenceVI(
+        "gaussian_mixture", divergence="neural_f", meta_learn_init=True, n_inner_steps=2,
+        max_meta_iter=4, max_iter=10, n_particles=8, n_score_particles=16, random_state=seed,
+    )
+    return est.meta_fit(X, groups=groups).fit(X[groups == 1]), X[groups == 1], None
+
+
+def _bnn_alg2_minibatch(seed):
+    X, y, groups = make_sinusoid_tasks(4, 20, random_state=0)
+    est = MetaBNNRegressor(
+        "renyi", **FAST_BNN, meta_learn_init=True, n_tasks_per_batch=2, batch_size=8,
+        max_meta_iter=3, random_state=seed,
+    )
+    X0, y0 = X[groups == 0], y[groups == 0]
+    return est.meta_fit(X, y, groups=groups).fit(X0, y0), X0, y0
+
+
+def _arrays(est):
+    return {k: v for k, v in vars(est).items() if isinstance(v, np.ndarray)}
+
+
+@pytest.mark.parametrize(
+    "make", [_vi_alg1, _vi_alg2_neural_f, _bnn_alg2_minibatch],
+    ids=["vi-meta-d", "vi-meta-d-phi-neural_f", "bnn-meta-d-phi-minibatch"],
+)
+def test_same_seed_bit_identical_state_different_seed_differs(make):
+    """On the CPU a seed fixes every fitted tensor, array and output exactly."""
+    a, X, y = make(0)
+    b, _, _ = make(0)
+    c, _, _ = make(1)
+    ta, tb = dict(_tensors(vars(a))), dict(_tensors(vars(b)))
+    assert ta.keys() == tb.keys() and any(p.startswith("est['meta_") for p in ta)
+    for path, t in ta.items():
+        torch.testing.assert_close(tb[path], t, rtol=0, atol=0, msg=path)
+    arrays_a, arrays_b = _arrays(a), _arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        np.testing.assert_array_equal(arrays_b[key], arrays_a[key], err_msg=key)
+    _assert_outputs_equal(_outputs(a, X, y), _outputs(b, X, y))
+    # Another seed: other Monte Carlo noise everywhere.
+    assert not np.array_equal(c.meta_loss_curve_, a.meta_loss_curve_)
+    assert not np.array_equal(c.loss_curve_, a.loss_curve_)
+    outputs_a, outputs_c = _outputs(a, X, y), _outputs(c, X, y)
+    for key in ("predict", "sample_y", "score_samples", "sample"):
+        if key in outputs_a:
+            assert not np.array_equal(outputs_a[key], outputs_c[key]), key
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_joblib_round_trip(name, request, tmp_path):
+    """joblib (compressed) restores identical outputs and tensors, meta_init_ included."""
+    est, X, y = request.getfixturevalue(name)
+    joblib.dump(est, tmp_path / "est.joblib", compress=3)
+    restored = joblib.load(tmp_path / "est.joblib")
+    _assert_outputs_equal(_outputs(est, X, y), _outputs(restored, X, y))
+    tensors, restored_tensors = dict(_tensors(vars(est))), dict(_tensors(vars(restored)))
+    assert tensors.keys() == restored_tensors.keys()
+    for path, t in tensors.items():
+        torch.testing.assert_close(restored_tensors[path], t, rtol=0, atol=0, msg=path)
+    if name == "meta_fitted_bnn":
+        assert "est['meta_init_']['loc']" in tensors

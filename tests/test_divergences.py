@@ -21,6 +21,8 @@ from skmetavi.divergences import (
     TailAdaptive,
     make_divergence,
 )
+from skmetavi.datasets import make_mog_tasks
+from skmetavi.estimators import MetaDivergenceVI
 from skmetavi.models import GaussianMean, MeanFieldGaussian
 
 DT = torch.float64
@@ -261,6 +263,30 @@ def test_state_dict_round_trip_weights_only(tmp_path):
     fresh = NeuralF(hidden_layer_sizes=(4,))
     fresh.load_state_dict(torch.load(path, weights_only=True))
     torch.testing.assert_close(fresh.particle_weights(_log_w()), nf.particle_weights(_log_w()))
+
+
+@pytest.mark.parametrize("divergence", ["renyi", "neural_f"])
+def test_meta_learned_state_dict_loads_into_a_fresh_instance(divergence, tmp_path):
+    """A meta-learned divergence travels as a state_dict, loaded with weights_only=True."""
+    X, groups = make_mog_tasks(4, random_state=0)
+    learned = MetaDivergenceVI(
+        "gaussian_mixture", divergence=divergence, inner_optimizer="sgd", n_particles=16,
+        max_meta_iter=10, meta_lr=0.05, random_state=0,
+    ).meta_fit(X, groups=groups).meta_divergence_
+    path = tmp_path / "divergence.pt"
+    torch.save(learned.state_dict(), path)
+    with torch.random.fork_rng(devices=[]):
+        fresh = make_divergence(divergence)  # default, unlearned values
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                     learned.state_dict().values()))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.state_dict().keys() == learned.state_dict().keys()
+    for key, t in learned.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], t, rtol=0, atol=0, msg=key)
+    log_w = _log_w()
+    torch.testing.assert_close(
+        fresh.particle_weights(log_w), learned.particle_weights(log_w), rtol=0, atol=0
+    )
 
 
 # ----------------------------------------------------------------- errors

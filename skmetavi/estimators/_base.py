@@ -18,13 +18,14 @@ import torch
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from skmetavi import _checkpoint, _torch
 from skmetavi._bilevel import (
     GRADIENT_MODES,
     CallableMetaLoss,
     MetaTrainer,
+    NonFiniteError,
     PredictiveNLL,
     Problem,
     QuadratureLoss,
@@ -67,6 +68,98 @@ def _to_cpu(tree):
     return tree
 
 
+# What to do about scikit-learn's validation errors, keyed by a fragment of its message.
+# scikit-learn says what it received; these hints add what to try.
+_VALIDATION_HINTS = (
+    (
+        "infinity or a value too large",
+        "Remove or impute the non-finite entries (e.g. keep only the rows where "
+        "np.isfinite(a).all(axis=1) for an array a), or rescale values beyond the float range.",
+    ),
+    (
+        "contains NaN",
+        "Drop the rows with missing values or impute them first (e.g. with "
+        "sklearn.impute.SimpleImputer in a Pipeline).",
+    ),
+    ("0 sample(s)", "Pass at least one row."),
+    ("0 feature(s)", "Pass at least one column."),
+    (
+        "Found array with dim",
+        "Pass a 2-D array of shape (n_samples, n_features), e.g. X.reshape(len(X), -1).",
+    ),
+    (
+        "features, but",
+        "Pass the columns the estimator was fitted on, in the same order, or fit it again "
+        "on the new columns.",
+    ),
+    (
+        "inconsistent numbers of samples",
+        "Pass exactly one target (and one task label) per row of X.",
+    ),
+    (
+        "could not convert",
+        "The data must be numeric: encode strings and categories first, e.g. with "
+        "sklearn.preprocessing.OrdinalEncoder or OneHotEncoder.",
+    ),
+    ("Complex data not supported", "Pass real numbers, e.g. np.real(X) or np.abs(X)."),
+    (
+        "should be a 1d array",
+        "Pass one target column of shape (n_samples,): the estimator has a single output.",
+    ),
+)
+
+
+def _with_hint(exc):
+    """``exc`` with what to try appended, for plain ValueError / TypeError from sklearn."""
+    if type(exc) not in (ValueError, TypeError):
+        return exc
+    message = str(exc)
+    for fragment, hint in _VALIDATION_HINTS:
+        if fragment in message and hint not in message:
+            if fragment == "contains NaN" and "imputer" in message:
+                return exc  # scikit-learn already suggests an imputer for X
+            return type(exc)(f"{message.rstrip()} {hint}")
+    return exc
+
+
+def _validate_data(estimator, X="no_validation", y="no_validation", **check_params):
+    """:func:`sklearn.utils.validation.validate_data` whose errors also say what to do.
+
+    With ``y`` given, ``y`` is also required to be numeric (scikit-learn's
+    ``y_numeric`` converts object arrays only, so strings would reach torch).
+    """
+    try:
+        # scikit-learn's finiteness check sums the array first and only silences
+        # overflow: finite values near +-1.8e308 give inf - inf and a RuntimeWarning
+        # "invalid value encountered in reduce" before its exact element-wise check.
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = validate_data(estimator, X, y, **check_params)
+            if isinstance(out, tuple):
+                X, y = out
+                y = check_array(
+                    y, ensure_2d=False, dtype=[np.float64, np.float32], input_name="y"
+                )
+                out = X, y
+    except (ValueError, TypeError) as exc:
+        new = _with_hint(exc)
+        if new is exc:
+            raise
+        raise new from exc
+    return out
+
+
+def _check_array(array, **check_params):
+    """:func:`sklearn.utils.check_array` whose errors also say what to do."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # see _validate_data
+            return check_array(array, **check_params)
+    except (ValueError, TypeError) as exc:
+        new = _with_hint(exc)
+        if new is exc:
+            raise
+        raise new from exc
+
+
 def check_groups(groups, n_samples, *, min_tasks=2):
     """Validate ``groups`` and return ``(labels, list of row-index arrays)``."""
     if groups is None:
@@ -74,17 +167,37 @@ def check_groups(groups, n_samples, *, min_tasks=2):
             "meta_fit needs groups: an array of shape (n_samples,) giving the task "
             "of each row (rows with the same label form one task)."
         )
-    groups = column_or_1d(groups, warn=True)
+    try:
+        groups = column_or_1d(groups, warn=True, input_name="groups")
+    except ValueError as exc:
+        raise ValueError(
+            f"groups must be a 1-D array of integer or string task labels, one per row of X; "
+            f"got {type(groups).__name__} of shape {np.shape(groups)} ({exc}). Pass e.g. "
+            "groups=np.repeat(np.arange(n_tasks), rows_per_task)."
+        ) from exc
     if groups.shape[0] != n_samples:
         raise ValueError(
             f"groups has {groups.shape[0]} entries but X has {n_samples} rows; give one "
             "task label per row."
         )
     if groups.dtype.kind == "f" and not np.isfinite(groups).all():
-        raise ValueError("groups contains NaN or inf; every row needs a finite task label.")
+        raise ValueError(
+            f"groups contains {int(np.sum(~np.isfinite(groups)))} NaN or inf label(s); every "
+            "row needs a finite task label (drop those rows or give them a task)."
+        )
     if groups.dtype.kind not in "biufUSO":
-        raise TypeError(f"groups must hold integer or string labels, got dtype {groups.dtype}.")
-    labels, inverse = np.unique(groups, return_inverse=True)
+        raise TypeError(
+            f"groups must hold integer or string labels, got dtype {groups.dtype}; convert "
+            "them, e.g. np.asarray(groups, dtype=str)."
+        )
+    try:
+        labels, inverse = np.unique(groups, return_inverse=True)
+    except TypeError as exc:
+        kinds = sorted({type(g).__name__ for g in groups.tolist()})
+        raise TypeError(
+            f"groups mixes task labels of types {kinds} that cannot be compared ({exc}); use "
+            "labels of one type, e.g. np.asarray(groups, dtype=str)."
+        ) from exc
     if labels.shape[0] < min_tasks:
         raise ValueError(
             f"meta_fit needs at least {min_tasks} tasks (distinct groups), got "
@@ -117,6 +230,7 @@ class _BaseMetaVI(BaseEstimator):
         "meta_gradient": [StrOptions(set(GRADIENT_MODES))],
         "truncate": [Interval(Integral, 1, None, closed="left"), None],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+        "task_chunk_size": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "dtype": [StrOptions({"float32", "float64"})],
         "device": [str, HasMethods(["type"])],
@@ -206,11 +320,7 @@ class _BaseMetaVI(BaseEstimator):
     def _resolve_divergence(self):
         div = self.divergence
         if isinstance(div, str) or isinstance(div, Divergence):
-            # Constructing torch modules (NeuralF's nn.Linear) draws from the global
-            # torch RNG even though NeuralF then sets every weight itself: fork it,
-            # so that fitting leaves the global RNG as it found it.
-            with torch.random.fork_rng(devices=[]):
-                return make_divergence(div)
+            return make_divergence(div)
         raise TypeError(
             f"divergence must be one of {list(DIVERGENCE_NAMES)} or a "
             f"skmetavi.divergences.Divergence, got {type(div).__name__}."
@@ -225,7 +335,8 @@ class _BaseMetaVI(BaseEstimator):
         if self.truncate is not None and self.meta_gradient != "truncated":
             raise ValueError(
                 f"truncate={self.truncate} only applies with meta_gradient='truncated', got "
-                f"meta_gradient={self.meta_gradient!r}."
+                f"meta_gradient={self.meta_gradient!r}; set meta_gradient='truncated' or "
+                "truncate=None."
             )
         if self.truncate is not None and self.truncate > self.n_inner_steps:
             raise ValueError(
@@ -287,7 +398,10 @@ class _BaseMetaVI(BaseEstimator):
             meta-training resumes from it, and the result is the same as that
             of an uninterrupted run; it must have been written for the same
             data and settings.  Written atomically; loaded with
-            ``torch.load(..., weights_only=True)``.
+            ``torch.load(..., weights_only=True)``.  A run killed at any point
+            resumes from the last checkpoint; after ``Ctrl-C`` the file holds
+            the last completed iteration (an interrupted, half-applied
+            iteration is kept in memory only).
         checkpoint_every : int, default=50
             Outer iterations between checkpoints.
 
@@ -298,6 +412,17 @@ class _BaseMetaVI(BaseEstimator):
         """
         self._setup_torch()
         self._check_meta_options()
+        if checkpoint is not None:
+            _checkpoint.check_path(checkpoint)
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, Integral)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive int (outer iterations between "
+                f"checkpoints), got {checkpoint_every!r}; e.g. checkpoint_every=50."
+            )
         X, y = self._validate_task_data(X, y, reset=True)
         labels, index = check_groups(groups, X.shape[0])
         problem = self._problem(X.shape[1])
@@ -332,23 +457,37 @@ class _BaseMetaVI(BaseEstimator):
             n_tasks_per_batch=self.n_tasks_per_batch, meta_lr=self.meta_lr,
             init_lr=self.init_lr, mode=self.meta_gradient, truncate=self.truncate,
             batch_size=self.batch_size, generator=generator, max_grad_norm=self.max_grad_norm,
+            task_chunk_size=self.task_chunk_size,
         )
         if warm:
-            self._load_meta_state(trainer)
+            self._load_meta_state(trainer, labels)
         n_todo = self.max_meta_iter
         if checkpoint is not None:
-            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, Integral) or checkpoint_every < 1:
-                raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
             fingerprint = self._fingerprint(X, y, groups)
             start = _checkpoint.load(checkpoint, fingerprint)
             if start is not None:
-                trainer.load_state_dict(start)
+                try:
+                    trainer.load_state_dict(start)
+                except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"The checkpoint {str(checkpoint)!r} matches this meta_fit call but "
+                        f"its state cannot be restored ({type(exc).__name__}: {exc}); it was "
+                        "probably written by another version of skmetavi. Delete it to start "
+                        "over, or pass another checkpoint path."
+                    ) from exc
                 n_todo = max(0, self.max_meta_iter - trainer.n_iter)
         bar = _progress(n_todo, self.verbose, "meta_fit")
         interrupted = False
+        # True while trainer.step() runs: an interrupt there may leave the iteration
+        # half applied (e.g. eta updated, phi_i not yet stored), a state no
+        # uninterrupted run passes through.  Such a state is kept in memory but never
+        # written to the checkpoint, so that resuming stays exact.
+        in_step = False
         try:
             for _ in range(n_todo):
+                in_step = True
                 value = trainer.step()
+                in_step = False
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{value:.4g}")
@@ -356,16 +495,29 @@ class _BaseMetaVI(BaseEstimator):
                     _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
         except KeyboardInterrupt:
             interrupted = True
+        except NonFiniteError as exc:
+            raise NonFiniteError(
+                f"meta_fit stopped: {exc} (settings: inner_optimizer={self.inner_optimizer!r}, "
+                f"inner_lr={self.inner_lr!r}, meta_lr={self.meta_lr!r}, "
+                f"n_inner_steps={self.n_inner_steps!r}, max_grad_norm={self.max_grad_norm!r})"
+            ) from exc
         finally:
             if bar is not None:
                 bar.close()
-        if checkpoint is not None:
+        if checkpoint is not None and not in_step:
             _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
         self._store_meta_state(trainer, labels)
         if interrupted:
+            where = (
+                f"the checkpoint {str(checkpoint)!r} holds the last completed checkpoint "
+                "iteration; "
+                if checkpoint is not None and in_step
+                else ""
+            )
             warnings.warn(
                 f"meta_fit interrupted after {trainer.n_iter} outer iterations; the estimator "
-                "keeps the progress so far (meta_fit with warm_start=True continues).",
+                f"keeps the progress so far ({where}meta_fit with warm_start=True continues "
+                "from it).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -379,7 +531,7 @@ class _BaseMetaVI(BaseEstimator):
                 arr = np.ascontiguousarray(arr)
                 h.update(str((arr.dtype.str, arr.shape)).encode())
                 h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
-        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device"}
+        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device", "task_chunk_size"}
         params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
         h.update(repr(sorted(params.items())).encode())
         return h.hexdigest()
@@ -398,12 +550,23 @@ class _BaseMetaVI(BaseEstimator):
         self._meta_state = _to_cpu(trainer.state_dict())
         self._meta_state["learn_init"] = trainer.learn_init
 
-    def _load_meta_state(self, trainer):
+    def _load_meta_state(self, trainer, labels):
         state = self._meta_state
         if state["learn_init"] != trainer.learn_init:
             raise ValueError(
                 "warm_start=True cannot switch meta_learn_init between meta_fit calls "
                 f"(was {state['learn_init']}, now {trainer.learn_init}); set warm_start=False."
+            )
+        old = self.meta_tasks_
+        if not trainer.learn_init and (
+            old.shape != labels.shape or not np.array_equal(old, labels)
+        ):
+            # Algorithm 1 keeps one phi_i per training task: they must be the same tasks.
+            raise ValueError(
+                "warm_start=True continues the previous meta_fit, whose per-task parameters "
+                f"belong to its {old.shape[0]} tasks {old.tolist()[:10]}, but this call has "
+                f"{labels.shape[0]} tasks {labels.tolist()[:10]}. Pass the same X, y and "
+                "groups, or set warm_start=False to start over."
             )
         try:
             trainer.load_state_dict(state)
@@ -436,7 +599,18 @@ class _BaseMetaVI(BaseEstimator):
             Fitted estimator.
         """
         self._setup_torch()
-        X, y = self._validate_task_data(X, y, reset=True)
+        warm = self.warm_start and hasattr(self, "variational_params_")
+        try:
+            # A warm start keeps n_features_in_: a failed call leaves the estimator as it was.
+            X, y = self._validate_task_data(X, y, reset=not warm)
+        except ValueError as exc:
+            if warm and "features, but" in str(exc):
+                raise ValueError(
+                    f"warm_start=True continues the previous fit, which saw "
+                    f"{self.n_features_in_} features: {exc} To fit data with other columns, "
+                    "set warm_start=False."
+                ) from exc
+            raise
         problem = self._problem(X.shape[1])
         self._check_target_rows(problem.target, X, y)
         y = self._transform_fit_targets(y)
@@ -451,7 +625,6 @@ class _BaseMetaVI(BaseEstimator):
             divergence = self._resolve_divergence()
         divergence = divergence.to(self._device, self._dtype).requires_grad_(False)
 
-        warm = self.warm_start and hasattr(self, "variational_params_")
         if warm:
             params = _torch.tree_to(self.variational_params_, self._device)
             self._check_warm_params(params, problem)
@@ -484,6 +657,12 @@ class _BaseMetaVI(BaseEstimator):
         except KeyboardInterrupt:
             interrupted = True
             params = last["params"]
+        except NonFiniteError as exc:
+            raise NonFiniteError(
+                f"fit stopped: {exc} (settings: inner_optimizer={self.inner_optimizer!r}, "
+                f"inner_lr={self.inner_lr!r}, n_particles={self.n_particles!r}, "
+                f"divergence={divergence!r})"
+            ) from exc
         finally:
             if bar is not None:
                 bar.close()

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 from sklearn.base import RegressorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from skmetavi import _torch
-from skmetavi.estimators._base import _BaseMetaVI, _check_random_state
+from skmetavi.estimators._base import (
+    _BaseMetaVI,
+    _check_array,
+    _check_random_state,
+    _validate_data,
+)
 from skmetavi.models import MeanFieldGaussian
 from skmetavi.models._bnn import ACTIVATIONS, LIKELIHOODS, BNNRegression
 
@@ -92,7 +97,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Tasks M per outer iteration.
     meta_learn_init : bool, default=False
         Meta-learn the initialisation too (Algorithm 2).
-    meta_gradient : {"full", "first_order", "truncated"}, default="full"
+    meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
         Meta-gradient through the inner steps (see :class:`MetaDivergenceVI`).
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
@@ -101,6 +106,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         initialisation (separately) before each outer Adam step; None disables
         clipping.  Unrolled inner loops occasionally produce huge
         meta-gradients that derail meta-training (as in MAML).
+    task_chunk_size : int, default=None
+        Process the tasks of an outer iteration in chunks of this many,
+        accumulating meta-gradients, to bound memory; the result is the same
+        as without chunking (the noise of each task does not depend on the
+        split).  All at once if None.
     query_fraction : float, default=0.5
         Held-out fraction of each training task's rows.
     dtype : {"float32", "float64"}, default="float32"
@@ -150,6 +160,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     posterior predictive (epistemic + aleatoric); ``epistemic_only=True``
     leaves out the noise.  :meth:`score` is R^2; likelihood-based scores are
     in :mod:`skmetavi.metrics`.
+
+    Predictions are finite for any input within float32's range, however far
+    from the training data: rows that overflow a float32 network are
+    recomputed in float64.  Inputs for which float64 overflows too (around
+    ``|x| = 1e150``) raise a ``ValueError`` asking to rescale them.
 
     :func:`sklearn.base.clone` drops meta-learned state; pass a learned
     divergence explicitly, ``MetaBNNRegressor(divergence=est.meta_divergence_)``,
@@ -214,6 +229,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         meta_gradient="full",
         truncate=None,
         max_grad_norm=1.0,
+        task_chunk_size=None,
         query_fraction=0.5,
         dtype="float32",
         device="cpu",
@@ -244,6 +260,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         self.meta_gradient = meta_gradient
         self.truncate = truncate
         self.max_grad_norm = max_grad_norm
+        self.task_chunk_size = task_chunk_size
         self.query_fraction = query_fraction
         self.dtype = dtype
         self.device = device
@@ -269,7 +286,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
                 f"{type(self).__name__} requires y to be passed, but the target y is None; "
                 "pass y of shape (n_samples,)."
             )
-        return validate_data(
+        return _validate_data(
             self, X, y, reset=reset, dtype=[np.float64, np.float32], y_numeric=True
         )
 
@@ -315,10 +332,53 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         self.n_weights_ = problem.family.n_latent
 
     # -------------------------------------------------------- prediction
+    def _network_outputs(self, target, z, params, X):
+        """Yield the networks' ``(mean, scale)`` per chunk of rows, each (S, n_chunk).
+
+        Standardised units, on ``device``, under ``torch.no_grad()``.  Rows whose
+        outputs overflow a float32 network (inputs beyond about 1e37, or beyond
+        float32's range) are recomputed in float64 from the float64 inputs, so that
+        predictions stay finite wherever float64 can represent them.
+        """
+        for start in range(0, X.shape[0], _PREDICT_CHUNK):
+            X_chunk = X[start : start + _PREDICT_CHUNK]
+            Xc = _torch.as_tensor(X_chunk, device=self._device, dtype=self._dtype)
+            m, s = target.forward(z, Xc.unsqueeze(0), params)
+            m, s = m[0], s[0]  # (S, n_chunk)
+            bad = ~(torch.isfinite(m) & torch.isfinite(s)).all(0)  # (n_chunk,)
+            if self._dtype != torch.float64 and bool(bad.any()):
+                X64 = _torch.as_tensor(X_chunk, device=self._device, dtype=torch.float64)
+                m64, s64 = target.forward(
+                    z.to(torch.float64),
+                    X64[bad].unsqueeze(0),
+                    {k: v.to(torch.float64) for k, v in params.items()},
+                )
+                m, s = m.to(torch.float64), s.to(torch.float64)
+                m[:, bad], s[:, bad] = m64[0], s64[0]
+            yield m, s
+
+    def _check_finite_outputs(self, values, X):
+        """Raise a clear error for rows of ``values`` (..., n) that are not finite."""
+        bad = ~np.isfinite(values).reshape(-1, values.shape[-1]).all(0)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ValueError(
+                f"The predictions overflow even in float64 for {rows.size} row(s) of X (rows "
+                f"{rows[:5].tolist()}, largest |x| = {np.abs(X[rows]).max():.3g}): such "
+                "inputs are far outside any training data and have no meaningful prediction. "
+                "Rescale the inputs (e.g. with sklearn.preprocessing.StandardScaler in a "
+                "Pipeline) or clip them."
+            )
+
     def _predictive_components(self, X):
         """Per-sample predictive means and noise scales in original units, (S, n) each."""
+        mean, scale, _ = self._components(X)
+        return mean, scale
+
+    def _components(self, X):
+        """:meth:`_predictive_components` and the validated ``X``."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = _validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         self._setup_torch()
         family, target = self._problem(self.n_features_in_)
         params = {k: v.to(self._device, self._dtype) for k, v in self.variational_params_.items()}
@@ -329,16 +389,15 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         means, scales = [], []
         with torch.no_grad():
             z = family.rsample(params, eps)  # (1, S, n_weights)
-            for start in range(0, X.shape[0], _PREDICT_CHUNK):
-                Xc = _torch.as_tensor(
-                    X[start : start + _PREDICT_CHUNK], device=self._device, dtype=self._dtype
-                ).unsqueeze(0)
-                m, s = target.forward(z, Xc, params)
-                means.append(m[0])
-                scales.append(s[0])
-        mean = _torch.to_numpy(torch.cat(means, dim=-1)) * self._y_std + self._y_mean
-        scale = _torch.to_numpy(torch.cat(scales, dim=-1)) * self._y_std
-        return mean, scale
+            for m, s in self._network_outputs(target, z, params, X):
+                means.append(_torch.to_numpy(m))
+                scales.append(_torch.to_numpy(s))
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = np.concatenate(means, axis=-1) * self._y_std + self._y_mean
+            scale = np.concatenate(scales, axis=-1) * self._y_std
+        self._check_finite_outputs(mean, X)
+        self._check_finite_outputs(scale, X)
+        return mean, scale, X
 
     def predict(self, X, return_std=False, epistemic_only=False):
         """Posterior predictive mean (and standard deviation).
@@ -360,13 +419,16 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         y_std : ndarray of shape (n_samples,)
             Predictive standard deviation (only with ``return_std=True``).
         """
-        means, scales = self._predictive_components(X)
-        y_mean = means.mean(0)
+        means, scales, X = self._components(X)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y_mean = means.mean(0)
+            var = means.var(0) if return_std else None
+            if return_std and not epistemic_only:
+                var = var + (scales**2).mean(0)
+        self._check_finite_outputs(y_mean, X)
         if not return_std:
             return y_mean
-        var = means.var(0)
-        if not epistemic_only:
-            var = var + (scales**2).mean(0)
+        self._check_finite_outputs(var, X)
         return y_mean, np.sqrt(var)
 
     def log_predictive_density(self, X, y):
@@ -387,22 +449,29 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         log_density : ndarray of shape (n_samples,)
             Log predictive density of each row; its mean is the "test LL".
         """
-        y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        y = _check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
-            raise ValueError(f"y must be 1-D of shape (n_samples,), got shape {y.shape}.")
+            raise ValueError(
+                f"y must be 1-D of shape (n_samples,), got shape {y.shape}; pass one target "
+                "per row of X."
+            )
         means, scales = self._predictive_components(X)
         if y.shape[0] != means.shape[1]:
             raise ValueError(
                 f"y has {y.shape[0]} entries but X has {means.shape[1]} rows; pass one "
                 "target per row of X."
             )
-        log_n = (
-            -0.5 * ((y - means) / scales) ** 2 - np.log(scales) - 0.5 * math.log(2 * math.pi)
-        )
-        m = log_n.max(0)
-        return m + np.log(np.mean(np.exp(log_n - m), axis=0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_n = (
+                -0.5 * ((y - means) / scales) ** 2 - np.log(scales) - 0.5 * math.log(2 * math.pi)
+            )
+            m = log_n.max(0)
+            out = m + np.log(np.mean(np.exp(log_n - m), axis=0))
+        # Only a squared residual beyond the float64 range makes it non-finite (-inf, or
+        # NaN from -inf - -inf): saturate at the most negative float, as score_samples.
+        return np.where(np.isfinite(out), out, np.finfo(np.float64).min)
 
     def sample_y(self, X, n_samples=1, random_state=None):
         """Draw targets from the posterior predictive.
@@ -425,8 +494,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         """
         check_is_fitted(self)
         if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+            raise ValueError(
+                f"n_samples must be a positive int, the number of draws per row; got "
+                f"{n_samples!r}."
+            )
+        X = _validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         rng = (
             _check_random_state(random_state)
             if random_state is not None
@@ -440,12 +512,10 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         out = []
         with torch.no_grad():
             z = family.rsample(params, eps)
-            for start in range(0, X.shape[0], _PREDICT_CHUNK):
-                Xc = _torch.as_tensor(
-                    X[start : start + _PREDICT_CHUNK], device=self._device, dtype=self._dtype
-                ).unsqueeze(0)
-                m, s = target.forward(z, Xc, params)
-                noise = torch.randn(m.shape, generator=gen, dtype=m.dtype, device=m.device)
-                out.append((m + s * noise)[0])
-        y = _torch.to_numpy(torch.cat(out, dim=-1)).T
-        return y * self._y_std + self._y_mean
+            for m, s in self._network_outputs(target, z, params, X):
+                noise = torch.randn(m.shape, generator=gen, dtype=self._dtype, device=m.device)
+                out.append(_torch.to_numpy(m + s * noise.to(m.dtype)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = np.concatenate(out, axis=-1) * self._y_std + self._y_mean
+        self._check_finite_outputs(y, X)
+        return y.T

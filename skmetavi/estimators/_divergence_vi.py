@@ -9,13 +9,15 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from skmetavi import _torch
 from skmetavi.estimators._base import (
     META_LOSS_NAMES,
     _BaseMetaVI,
+    _check_array,
     _check_random_state,
+    _validate_data,
 )
 from skmetavi.models import FAMILY_NAMES, TARGET_NAMES, Target, make_family, make_target
 
@@ -91,11 +93,15 @@ class MetaDivergenceVI(_BaseMetaVI):
         Tasks M per outer iteration (all of them if fewer).
     meta_learn_init : bool, default=False
         Also meta-learn the initialisation of q (Algorithm 2, Meta-D&phi).
-    meta_gradient : {"full", "first_order", "truncated"}, default="full"
-        How the meta-gradient goes through the B inner steps: exactly,
-        first-order (inner Jacobians taken as the identity; only the direct
-        dependence of each step on eta is kept), or exactly through the last
-        ``truncate`` steps only.
+    meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
+        How the meta-gradient goes through the B inner steps: exactly
+        (memory grows with B); first-order (inner Jacobians taken as the
+        identity; only the direct dependence of each step on eta is kept);
+        exactly through the last ``truncate`` steps only; or implicitly,
+        treating the end of the inner loop as a fixed point of the update and
+        solving the adjoint system by conjugate gradients (memory independent
+        of B; biased when the inner loop has not converged, e.g. Algorithm 1
+        with few inner steps; not available with ``meta_learn_init``).
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
     max_grad_norm : float, default=None
@@ -103,6 +109,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         initialisation (separately) before each outer Adam step; None disables
         clipping.  Unrolled inner loops occasionally produce huge
         meta-gradients that derail meta-training (as in MAML).
+    task_chunk_size : int, default=None
+        Process the tasks of an outer iteration in chunks of this many,
+        accumulating meta-gradients, to bound memory; the result is the same
+        as without chunking (the noise of each task does not depend on the
+        split).  All at once if None.
     query_fraction : float, default=0.5
         Fraction of each training task's rows held out for the ``"nll"``
         meta-loss (models with a per-row likelihood).
@@ -225,6 +236,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         meta_gradient="full",
         truncate=None,
         max_grad_norm=None,
+        task_chunk_size=None,
         query_fraction=0.5,
         batch_size=None,
         n_score_particles=1000,
@@ -255,6 +267,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         self.meta_gradient = meta_gradient
         self.truncate = truncate
         self.max_grad_norm = max_grad_norm
+        self.task_chunk_size = task_chunk_size
         self.query_fraction = query_fraction
         self.batch_size = batch_size
         self.n_score_particles = n_score_particles
@@ -292,9 +305,9 @@ class MetaDivergenceVI(_BaseMetaVI):
                     f"{type(self).__name__} requires y to be passed, but the target y is "
                     f"None: model={self.model!r} needs targets; pass y of shape (n_samples,)."
                 )
-            X, y = validate_data(self, X, y, reset=reset, dtype=dtypes, y_numeric=True)
+            X, y = _validate_data(self, X, y, reset=reset, dtype=dtypes, y_numeric=True)
             return X, y
-        X = validate_data(self, X, reset=reset, dtype=dtypes)
+        X = _validate_data(self, X, reset=reset, dtype=dtypes)
         return X, None
 
     def _after_fit(self, problem, tasks):
@@ -323,20 +336,31 @@ class MetaDivergenceVI(_BaseMetaVI):
         Returns
         -------
         log_q : ndarray of shape (n_points,)
-            ``log q(z)`` at each row of ``Z``.
+            ``log q(z)`` at each row of ``Z``, computed in float64 whatever
+            ``dtype``.  Always finite for finite ``Z``: a log density below the
+            float64 range (points some 1e154 standard deviations away) is
+            returned as ``-np.finfo(np.float64).max`` rather than ``-inf``.
         """
         check_is_fitted(self)
-        Z = check_array(Z, dtype=[np.float64, np.float32])
+        Z = _check_array(Z, dtype=[np.float64, np.float32], input_name="Z")
         if Z.shape[1] != self.n_latent_:
             raise ValueError(
                 f"Z has {Z.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_latent_} features as input (the latent dimension)."
+                f"{self.n_latent_} features as input (the latent dimension); pass points of "
+                f"shape (n_points, {self.n_latent_})."
             )
         self._setup_torch()
         family = self._problem(self.n_features_in_).family
-        z = _torch.as_tensor(Z, device=self._device, dtype=self._dtype).unsqueeze(0)
+        # float64 whatever dtype: a float32 Z overflows for |z| > 3.4e38 and its square
+        # for |z| > 1.8e19, while the log density itself is representable far beyond.
+        params = {k: v.to(self._device, torch.float64) for k, v in self.variational_params_.items()}
+        z = _torch.as_tensor(Z, device=self._device, dtype=torch.float64).unsqueeze(0)
         with torch.no_grad():
-            return _torch.to_numpy(family.log_prob(self._q_params(), z)[0])
+            log_q = _torch.to_numpy(family.log_prob(params, z)[0])
+        # Only overflow of the squared distance makes log q non-finite here (-inf, or
+        # NaN from inf - inf): saturate at the most negative float instead.
+        lowest = np.finfo(np.float64).min
+        return np.where(np.isfinite(log_q), log_q, lowest)
 
     def sample(self, n_samples=1, random_state=None):
         """Draw latent samples from the fitted q.

@@ -46,8 +46,10 @@ class _GaussianFamily(ParamsMixin):
             Number of tasks M.
         n_particles : int
             Number of particles K per task.
-        generator : torch.Generator
-            Source of randomness (the global torch RNG is not used).
+        generator : torch.Generator or TaskNoise
+            Source of randomness (the global torch RNG is not used): a
+            ``torch.Generator`` or any object with a ``randn(shape, dtype=,
+            device=)`` method (the engine's split-independent task noise).
         dtype : torch.dtype
             Floating-point type of the noise.
         device : torch.device or str
@@ -58,12 +60,10 @@ class _GaussianFamily(ParamsMixin):
         eps : torch.Tensor of shape (n_tasks, n_particles, n_latent)
             Independent standard-normal draws.
         """
-        return torch.randn(
-            (n_tasks, n_particles, self.n_latent),
-            generator=generator,
-            dtype=dtype,
-            device=device,
-        )
+        shape = (n_tasks, n_particles, self.n_latent)
+        if isinstance(generator, torch.Generator):
+            return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return generator.randn(shape, dtype=dtype, device=device)
 
     def distribution(self, params) -> torch.distributions.MultivariateNormal:
         """Return the batch of q's as a ``torch.distributions.MultivariateNormal``.
