@@ -87,7 +87,12 @@ def inner_direction(problem, divergence, params, tasks, eps, *, create_graph):
     model_keys = [k for k in params if k not in var_keys]
     z = family.rsample(var, eps)  # (M, K, d)
     log_p = target.log_joint(z, tasks, params)  # (M, K)
-    log_q = family.log_prob(var, z)  # (M, K)
+    if divergence.path_derivative:
+        log_q = family.log_prob(var, z)  # (M, K), z-dependence needed for d/dz
+    else:
+        # Same function of phi as log q(r_phi(eps)), all derivatives included,
+        # without elementwise work on the (M, K, d) particles.
+        log_q = family.log_prob_reparameterised(var, eps)
     log_w = log_p - log_q
     finite = torch.isfinite(log_w).all(-1)
     # A non-finite task must not poison the others through shared reductions.

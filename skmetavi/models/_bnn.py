@@ -21,7 +21,7 @@ from numbers import Integral
 import torch
 from torch.nn import functional as F
 
-from skmetavi.models._targets import Target, _check_scale, _normal_log_prob
+from skmetavi.models._targets import Target, _check_scale, _isotropic_log_prior, _normal_log_prob
 
 __all__ = ["BNNRegression", "LIKELIHOODS", "ACTIVATIONS"]
 
@@ -177,17 +177,20 @@ class BNNRegression(Target):
             Noise standard deviations.
         """
         act = ACTIVATIONS[self.activation]
-        h = X.unsqueeze(1)  # (M, 1, n, d)
-        offset = 0
-        shapes = self.layer_shapes(X.shape[-1])
+        M, K = z.shape[:2]
+        n, d = X.shape[-2:]
+        shapes = self.layer_shapes(d)
+        # One split (whose backward concatenates) rather than one slice per tensor (each
+        # slice's backward would zero-fill a full-size gradient).
+        pieces = z.reshape(M * K, -1).split([size for i, o in shapes for size in (i * o, o)], -1)
+        h = X.unsqueeze(1).expand(M, K, n, d).reshape(M * K, n, d)
         for li, (i, o) in enumerate(shapes):
-            W = z[..., offset : offset + i * o].reshape(z.shape[:-1] + (i, o))
-            offset += i * o
-            b = z[..., offset : offset + o].unsqueeze(-2)  # (M, K, 1, o)
-            offset += o
-            h = h @ W + b  # (M, K, n, o)
+            W = pieces[2 * li].reshape(M * K, i, o)
+            b = pieces[2 * li + 1].unsqueeze(-2)  # (M*K, 1, o)
+            h = torch.baddbmm(b, h, W)  # b + h @ W in one pass, (M*K, n, o)
             if li < len(shapes) - 1:
                 h = act(h)
+        h = h.reshape(M, K, n, -1)
         mean = h[..., 0]
         if self.likelihood == "heteroskedastic":
             scale = F.softplus(h[..., 1]) + MIN_NOISE
@@ -196,8 +199,7 @@ class BNNRegression(Target):
         return mean, scale
 
     def log_prior(self, z, params):
-        s = z.new_tensor(self.prior_scale)
-        return (-0.5 * (z / s) ** 2).sum(-1) - z.shape[-1] * (torch.log(s) + 0.5 * math.log(2 * math.pi))
+        return _isotropic_log_prior(z, float(self.prior_scale))
 
     def log_likelihood(self, z, tasks, params):
         mean, scale = self.forward(z, tasks.X, params)

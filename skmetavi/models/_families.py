@@ -65,6 +65,46 @@ class _GaussianFamily(ParamsMixin):
             return torch.randn(shape, generator=generator, dtype=dtype, device=device)
         return generator.randn(shape, dtype=dtype, device=device)
 
+    def log_prob_reparameterised(self, params, eps):
+        """Evaluate ``log q(r_phi(eps))`` as a function of the parameters.
+
+        For ``z = loc + L eps``, ``log q(z) = log N(eps; 0, I) - log|det L|``
+        identically in the parameters, so this has the same value and the same
+        derivatives (of every order) in ``params`` as ``log_prob(params,
+        rsample(params, eps))`` -- without any operation on ``z``.  It carries no
+        dependence on ``z`` itself, so it cannot give path derivatives.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+        eps : torch.Tensor of shape (M, K, n_latent)
+            The standard-normal noise the particles were made from.
+
+        Returns
+        -------
+        log_q : torch.Tensor of shape (M, K)
+            Log density of each particle.
+        """
+        log_det = self.log_abs_det(params).unsqueeze(-1)  # (M, 1)
+        return -0.5 * (eps * eps).sum(-1) - log_det - 0.5 * self.n_latent * _LOG_2PI
+
+    def log_abs_det(self, params):
+        """Return ``log |det L|`` of each task's scale matrix.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        log_det : torch.Tensor of shape (M,)
+            Sum of the logs of the Cholesky factor's diagonal.
+        """
+        L = self.scale_tril(params)
+        return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+
     def distribution(self, params) -> torch.distributions.MultivariateNormal:
         """Return the batch of q's as a ``torch.distributions.MultivariateNormal``.
 
@@ -126,9 +166,7 @@ class _GaussianFamily(ParamsMixin):
         entropy : torch.Tensor of shape (M,)
             The entropy of each task's q, in nats.
         """
-        L = self.scale_tril(params)
-        log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-        return 0.5 * self.n_latent * (1.0 + _LOG_2PI) + log_det
+        return 0.5 * self.n_latent * (1.0 + _LOG_2PI) + self.log_abs_det(params)
 
 
 class MeanFieldGaussian(_GaussianFamily):
@@ -199,6 +237,21 @@ class MeanFieldGaussian(_GaussianFamily):
             The standard deviation of each coordinate.
         """
         return F.softplus(params["scale_raw"]) + MIN_SCALE
+
+    def log_abs_det(self, params):
+        """Return ``sum(log scale)`` per task, without building the diagonal matrix.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Variational parameters with a leading task dimension M.
+
+        Returns
+        -------
+        log_det : torch.Tensor of shape (M,)
+            Log-determinant of the (diagonal) scale matrix.
+        """
+        return torch.log(self.scale(params)).sum(-1)
 
     def scale_tril(self, params):
         """Return the Cholesky factor of the covariance, here diagonal.
