@@ -21,7 +21,6 @@ derivatives.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -37,9 +36,6 @@ class Problem(NamedTuple):
 
     family: object
     target: object
-
-    def variational_keys(self):
-        return self.family.param_names
 
 
 class StepStats(NamedTuple):
@@ -175,26 +171,21 @@ def inner_step(
     eps = problem.family.sample_eps(
         ref.shape[0], n_particles, generator=generator, dtype=ref.dtype, device=ref.device
     )
-    if not create_graph:
+    if not create_graph or first_order_chain:
+        # The direction at detached parameters: a graph to eta only (create_graph) or none.
         with torch.enable_grad():
             leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             direction, stats = inner_direction(
-                problem, divergence, leaf, tasks, eps, create_graph=False
+                problem, divergence, leaf, tasks, eps, create_graph=create_graph
             )
-        direction = {k: v.detach() for k, v in direction.items()}
+        if not create_graph:
+            direction = {k: v.detach() for k, v in direction.items()}
         new, new_state = optimizer.update(
             {k: v.detach() for k, v in params.items()}, direction, detach_state(state)
         )
         if first_order_chain:
+            # phi_{b+1} = phi_b + (update at sg(phi_b)): identity Jacobian in phi.
             new = {k: params[k] + (new[k] - params[k].detach()) for k in params}
-        return new, new_state, stats
-    if first_order_chain:
-        base = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        direction, stats = inner_direction(problem, divergence, base, tasks, eps, create_graph=True)
-        upd, new_state = optimizer.update(
-            {k: v.detach() for k, v in params.items()}, direction, detach_state(state)
-        )
-        new = {k: params[k] + (upd[k] - params[k].detach()) for k in params}
         return new, new_state, stats
     params = _needs_grad(params)
     direction, stats = inner_direction(problem, divergence, params, tasks, eps, create_graph=True)
@@ -228,7 +219,8 @@ def inner_loop(
         the identity, as first-order MAML); ``"truncated"`` back-propagates
         fully through the last ``truncate`` steps and treats earlier steps as
         constants (identity Jacobian for the initialisation, no dependence on
-        eta), so that memory is bounded by ``truncate``.
+        eta), so that memory is bounded by ``truncate``.  (The implicit mode is
+        handled by :class:`MetaTrainer`, which runs the loop undifferentiated.)
     differentiable : bool
         If False nothing is recorded (plain VI).
     """
@@ -401,9 +393,8 @@ class PredictiveNLL:
         z = family.rsample(var, eps)
         log_lik = target.log_likelihood(z, tasks, params)  # (M, K, n)
         lpd = torch.logsumexp(log_lik, dim=1) - math.log(self.n_particles)  # (M, n)
-        m = tasks.mask.to(lpd.dtype)
-        lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))
-        return -(lpd * m).sum(-1) / m.sum(-1).clamp(min=1)
+        lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))  # padding may be non-finite
+        return -lpd.sum(-1) / tasks.mask.sum(-1).clamp(min=1).to(lpd.dtype)
 
 
 class CallableMetaLoss:
@@ -637,7 +628,7 @@ class MetaTrainer:
         if not ok:
             for opt in self._optimizers():
                 opt.zero_grad(set_to_none=True)
-            self._on_failure()
+            self._on_failure(idx)
             self.n_iter += 1
             self.loss_curve.append(math.nan)
             return math.nan
@@ -662,7 +653,9 @@ class MetaTrainer:
     def _sync_scalars(self, J_total, ok):
         import torch.distributed as dist
 
-        buf = torch.tensor([J_total, 0.0 if ok else 1.0], dtype=torch.float64)
+        # On the data's device: NCCL only reduces CUDA tensors.
+        buf = torch.tensor([J_total, 0.0 if ok else 1.0], dtype=torch.float64,
+                           device=self.support.X.device)
         dist.all_reduce(buf, group=self.process_group)
         return float(buf[0]), bool(buf[1] == 0)
 
@@ -689,11 +682,11 @@ class MetaTrainer:
             else:
                 dst[rows.to(dst.device)] = src
 
-        if self.world_size == 1 and len(pending) == 1:
-            rows, new_params, new_state = pending[0]
-            dev_idx = idx.to(self.support.X.device)
-            scatter_state(self.task_params, dev_idx, new_params)
-            scatter_state(self.task_state, dev_idx, new_state)
+        device = self.support.X.device
+        if self.world_size == 1:
+            for rows, new_params, new_state in pending:
+                scatter_state(self.task_params, idx[rows].to(device), new_params)
+                scatter_state(self.task_state, idx[rows].to(device), new_state)
             return
         params_full = full_like(index_state(self.task_params, idx[:1].to(self.support.X.device)))
         state_full = full_like(index_state(self.task_state, idx[:1].to(self.support.X.device)))
@@ -712,27 +705,21 @@ class MetaTrainer:
         scatter_state(self.task_state, dev_idx, state_full)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue training exactly where it stopped (CPU tensors)."""
+        """Everything needed to continue training exactly where it stopped.
 
-        def cpu(tree):
-            if tree is None:
-                return None
-            if isinstance(tree, dict):
-                return {k: cpu(v) for k, v in tree.items()}
-            return tree.detach().to("cpu").clone()
-
+        Independent CPU copies (torch optimizers hand out live references to their
+        state), so the result can be pickled, checkpointed and kept while training
+        goes on.
+        """
+        opt_state = [None if o is None else _cpu_tree(o.state_dict())
+                     for o in (self.meta_optimizer, self.init_optimizer)]
         return {
-            "divergence": cpu(self.divergence.state_dict()),
-            # deep copies: torch optimizers hand out live references to their state
-            "meta_optimizer": None
-            if self.meta_optimizer is None
-            else copy.deepcopy(self.meta_optimizer.state_dict()),
-            "init_params": cpu(self.init_params),
-            "init_optimizer": None
-            if self.init_optimizer is None
-            else copy.deepcopy(self.init_optimizer.state_dict()),
-            "task_params": cpu(self.task_params),
-            "task_state": cpu(self.task_state),
+            "divergence": _cpu_tree(self.divergence.state_dict()),
+            "meta_optimizer": opt_state[0],
+            "init_params": _cpu_tree(self.init_params),
+            "init_optimizer": opt_state[1],
+            "task_params": _cpu_tree(self.task_params),
+            "task_state": _cpu_tree(self.task_state),
             "generator": self.generator.get_state(),
             "n_iter": self.n_iter,
             "failures": self.failures,
@@ -768,20 +755,23 @@ class MetaTrainer:
         self.failures = state["failures"]
         self.loss_curve = list(state["loss_curve"])
 
-    def _on_failure(self):
+    def _on_failure(self, task_ids):
         self.failures += 1
+        what = "the outer step sizes"
+        if self.task_state is not None:
+            # Algorithm 1: the sampled tasks' own inner step sizes too (persistent states).
+            ids = task_ids.to(self.task_state["lr_scale"].device)
+            self.task_state["lr_scale"][ids] = self.task_state["lr_scale"][ids] * 0.5
+            what += " and the inner step sizes of the sampled tasks"
         warnings.warn(
             f"Non-finite meta-loss or meta-gradient at outer iteration {self.n_iter}; "
-            "the iteration was skipped and the step sizes halved.",
+            f"the iteration was skipped and {what} halved.",
             RuntimeWarning,
             stacklevel=3,
         )
-        for opt in (self.meta_optimizer, self.init_optimizer):
-            if opt is not None:
-                for g in opt.param_groups:
-                    g["lr"] *= 0.5
-        if self.task_state is not None:
-            self.task_state["lr_scale"] = self.task_state["lr_scale"] * 0.5
+        for opt in self._optimizers():
+            for g in opt.param_groups:
+                g["lr"] *= 0.5
         if self.failures >= self.max_failures:
             raise NonFiniteError(
                 f"{self.max_failures} consecutive non-finite outer iterations. Likely "
@@ -791,6 +781,17 @@ class MetaTrainer:
 
 
 # ------------------------------------------------------------------ helpers
+def _cpu_tree(tree):
+    """Detached CPU copies of the tensors in nested dicts/lists/tuples (other leaves as is)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_tree(v) for v in tree)
+    return tree
+
+
 def _detached(params):
     return {k: v.detach() for k, v in params.items()}
 

@@ -365,13 +365,6 @@ class Renyi(Divergence):
         return f"alpha={self.alpha:.4g}, learnable={self.learnable}"
 
 
-def _power_log_g(a: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    def log_g(log_t):
-        return a * log_t
-
-    return log_g
-
-
 class FDivergence(Divergence):
     """The f-divergence D_f(p || q) = E_q[f(p/q)] with a fixed ``g(t) = t^2 f''(t)``.
 
@@ -486,7 +479,10 @@ class FDivergence(Divergence):
 
     @classmethod
     def chi2(cls):
-        """Build Pearson's chi-square ``E_q[(p/q - 1)^2]``: ``g(t) = 2 t^2``.
+        """Build Pearson's chi-square ``E_q[(p/q - 1)^2]``: ``g(t) ∝ t^2``.
+
+        Its ``t^2 f''(t)`` is ``2 t^2``; the constant factor does not change the
+        normalised update, and with ``normalize=False`` it only rescales the step.
 
         Returns
         -------
@@ -575,6 +571,13 @@ class NeuralF(FDivergence):
     See Also
     --------
     Renyi : Meta-alpha, the one-parameter alternative.
+
+    Notes
+    -----
+    ``set_params`` (and therefore changing a parameter through an estimator's
+    ``divergence__...``) rebuilds the network from the constructor arguments, which
+    drops learned weights; to keep them, copy the divergence instead
+    (:func:`copy.deepcopy` or :func:`sklearn.base.clone`).
 
     Examples
     --------

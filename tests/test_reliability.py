@@ -11,6 +11,8 @@ import textwrap
 import time
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -143,7 +145,8 @@ def test_meta_fit_skips_non_finite_iterations(clustered_tasks):
         model, n_latent=1, divergence="renyi", meta_loss=_mean_matching_meta_loss,
         max_meta_iter=20, n_particles=8, random_state=0,
     )
-    with pytest.warns(RuntimeWarning, match=r"iteration was skipped and the step sizes halved"):
+    with pytest.warns(RuntimeWarning, match=r"iteration was skipped and the outer step sizes and "
+                      r"the inner step sizes of the sampled tasks halved"):
         est.meta_fit(X, groups=groups)
     np.testing.assert_array_equal(np.flatnonzero(np.isnan(est.meta_loss_curve_)), [1, 2])
     assert np.isfinite(est.meta_loss_curve_[3:]).all()
@@ -553,3 +556,64 @@ def test_resume_after_sigkill_is_bit_identical(mog_tasks, tmp_path):
         torch.testing.assert_close(resumed._meta_state["task_params"][key], t, rtol=0, atol=0)
     X0 = X[groups == 0]
     np.testing.assert_array_equal(resumed.fit(X0).sample(5), full.fit(X0).sample(5))
+
+
+# ------------------------------------------------- non-regression (review findings)
+def test_warm_start_with_checkpoint_continues(tmp_path):
+    """Non-regression: a warm-started meta_fit with a checkpoint used to run 0 iterations."""
+    X, groups = make_mog_tasks(5, random_state=0)
+    ck = tmp_path / "w.ckpt"
+    kw = dict(model="gaussian_mixture", divergence="renyi", inner_optimizer="sgd",
+              n_particles=16, max_meta_iter=3, random_state=0)
+    est = MetaDivergenceVI(warm_start=True, **kw).meta_fit(X, groups=groups, checkpoint=ck)
+    alpha = est.meta_divergence_.alpha
+    est.meta_fit(X, groups=groups, checkpoint=ck)
+    assert est.n_meta_iter_ == 6 and est.meta_divergence_.alpha != alpha
+    straight = MetaDivergenceVI(**{**kw, "max_meta_iter": 6}).meta_fit(X, groups=groups)
+    np.testing.assert_array_equal(est.meta_loss_curve_, straight.meta_loss_curve_)
+
+
+def test_frozen_divergence_from_fit_is_learnable_again():
+    """Non-regression: meta_fit with est.divergence_ (frozen by fit) silently learned nothing."""
+    X, groups = make_mog_tasks(5, random_state=0)
+    fitted = MetaDivergenceVI("gaussian_mixture", divergence="renyi", max_iter=5,
+                              random_state=0).fit(X[:2])
+    assert not any(p.requires_grad for p in fitted.divergence_.parameters())
+    est = MetaDivergenceVI("gaussian_mixture", divergence=fitted.divergence_, inner_optimizer="sgd",
+                           max_meta_iter=10, n_particles=16, random_state=0)
+    est.meta_fit(X, groups=groups)
+    assert est.meta_divergence_.alpha != pytest.approx(0.5)
+
+
+def test_checkpoint_fingerprint_is_stable_across_processes(tmp_path):
+    """Non-regression: a callable model's repr has an address, so resuming always failed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from skmetavi import MetaDivergenceVI\n"
+        "from skmetavi.estimators._base import _stable_repr\n"
+        "from skmetavi.datasets import make_mog_tasks\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import _fingerprint_model as m\n"
+        "est = MetaDivergenceVI(m.log_joint, n_latent=1, meta_loss=m.meta_loss, random_state=0)\n"
+        "X, g = make_mog_tasks(3, random_state=0)\n"
+        "print(est._fingerprint(X, None, g))\n"
+    )
+    root = Path(__file__).parent.parent
+    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root).stdout.strip() for _ in range(2)]
+    assert out[0] and out[0] == out[1]
+    with pytest.raises(ValueError, match="needs an int random_state"):
+        MetaDivergenceVI("gaussian_mixture", divergence="renyi", max_meta_iter=2).meta_fit(
+            *make_mog_tasks(3, random_state=0)[:1], groups=[0, 0, 1, 1, 2, 2],
+            checkpoint=tmp_path / "c.ckpt")
+
+
+@pytest.mark.parametrize("model", ["gaussian_mixture", lambda z, X, y: -(z**2).sum(-1)])
+def test_minibatch_refused_for_targets_whose_rows_are_not_data(model):
+    """Non-regression: batch_size subsampled a mixture's components (a different target)."""
+    with pytest.raises(ValueError, match="cannot be used with"):
+        MetaDivergenceVI(model, n_latent=1, batch_size=1, max_iter=2).fit(
+            np.array([[0.5, 0.0, 1.0], [0.5, 3.0, 1.0]]))

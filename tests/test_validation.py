@@ -222,22 +222,25 @@ CASES = [
      lambda ns: mixture_vi().meta_fit(ns.X_mog, groups=ns.g_mog, checkpoint=5), TypeError,
      r"checkpoint must be a file path \(str or os\.PathLike\), got int 5; e\.g\. checkpoint="),
     ("ckpt-directory",
-     lambda ns: mixture_vi().meta_fit(ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp), ValueError,
+     lambda ns: mixture_vi(random_state=0).meta_fit(ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp), ValueError,
      r"is a directory; pass a file path inside it"),
     ("ckpt-other-data", _ckpt_other_data, ValueError,
      r"was written for other data or settings than this meta_fit call.*Use the same X, y, "
      r"groups and parameters.*or another checkpoint path"),
+    ("ckpt-random-state-none",
+     lambda ns: mixture_vi().meta_fit(ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp / "n.ckpt"),
+     ValueError, r"needs an int random_state.*got random_state=None"),
     ("ckpt-other-settings",
      lambda ns: mixture_vi(random_state=0, meta_lr=0.5).meta_fit(
          ns.X_mog, groups=ns.g_mog, checkpoint=ns.ckpt),
      ValueError, r"written for other data or settings.*\(its fingerprint differs\)"),
     ("ckpt-corrupted",
-     lambda ns: mixture_vi().meta_fit(
+     lambda ns: mixture_vi(random_state=0).meta_fit(
          ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp / "garbage.ckpt"),
      ValueError, r"Could not read the checkpoint .*garbage\.ckpt.*corrupted, truncated.*"
      r"Delete it to start over"),
     ("ckpt-foreign-file",
-     lambda ns: mixture_vi().meta_fit(
+     lambda ns: mixture_vi(random_state=0).meta_fit(
          ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp / "foreign.ckpt"),
      ValueError, r"is not a skmetavi checkpoint of format 1 \(found format None\)\. Delete it"),
     # ------------------------------------------- MetaDivergenceVI: fitted / state

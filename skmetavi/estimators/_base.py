@@ -57,17 +57,6 @@ def _check_random_state(random_state):
     return check_random_state(random_state)
 
 
-def _to_cpu(tree):
-    """Detached CPU copies of the tensors of a nested dict/list (other leaves as is)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu").clone()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
-
-
 # What to do about scikit-learn's validation errors, keyed by a fragment of its message.
 # scikit-learn says what it received; these hints add what to try.
 _VALIDATION_HINTS = (
@@ -158,6 +147,22 @@ def _check_array(array, **check_params):
         if new is exc:
             raise
         raise new from exc
+
+
+def _stable_repr(value):
+    """A representation of a parameter that is the same in every process.
+
+    ``repr`` of a function or of most objects contains a memory address; use the
+    qualified name of callables and the parameters of objects that have them.
+    """
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        params = sorted((k, _stable_repr(v)) for k, v in value.get_params(deep=False).items())
+        return f"{type(value).__qualname__}({params})"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_stable_repr(v) for v in value)
+    return repr(value)
 
 
 def check_groups(groups, n_samples, *, min_tasks=2):
@@ -301,6 +306,13 @@ class _BaseMetaVI(BaseEstimator):
 
     def _problem(self, n_features):
         target = self._make_target()
+        if self.batch_size is not None and not target.supports_minibatch:
+            raise ValueError(
+                f"batch_size={self.batch_size} cannot be used with {type(target).__name__}: "
+                "its rows are not independent likelihood terms that a rescaled minibatch "
+                "could estimate (mixture components, or a user log-density that sees only "
+                "the rows it is given). Use batch_size=None."
+            )
         n_latent = target.n_latent(n_features)
         return Problem(self._make_family(n_latent), target)
 
@@ -429,7 +441,9 @@ class _BaseMetaVI(BaseEstimator):
         for i in index:
             self._check_target_rows(problem.target, X[i], None if y is None else y[i])
         rng = _check_random_state(self.random_state)
-        generator = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
+        # The outer generator stays on the CPU (task sampling, per-iteration seeds); the
+        # Monte Carlo noise itself is drawn on `device` from seeds it hands out.
+        generator = _torch.make_generator(_torch.seed_from_random_state(rng), "cpu")
         support_idx, query_idx = self._support_query(X, y, index, rng)
         y = self._transform_meta_targets(y, support_idx, query_idx)
         support = self._to_tasks(X, y, support_idx)
@@ -441,7 +455,9 @@ class _BaseMetaVI(BaseEstimator):
             divergence = copy.deepcopy(self.meta_divergence_)
         else:
             divergence = self._resolve_divergence()
-        divergence = divergence.to(self._device, self._dtype)
+        # Every nn.Parameter of the divergence is a meta-parameter (a divergence frozen by
+        # an earlier fit, e.g. ``est.divergence_``, is learnable again here).
+        divergence = divergence.to(self._device, self._dtype).requires_grad_(True)
         if not divergence.learnable and not self.meta_learn_init:
             raise ValueError(
                 f"Nothing to meta-learn: divergence {divergence!r} has no learnable "
@@ -461,10 +477,19 @@ class _BaseMetaVI(BaseEstimator):
         )
         if warm:
             self._load_meta_state(trainer, labels)
-        n_todo = self.max_meta_iter
+        # This call runs until outer iteration `target` (warm_start adds max_meta_iter).
+        target = trainer.n_iter + self.max_meta_iter
         if checkpoint is not None:
+            if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
+                raise ValueError(
+                    "meta_fit(checkpoint=...) needs an int random_state, so that a resumed run "
+                    "repeats the random draws of the interrupted one (the support/query split, "
+                    f"the task sampling); got random_state={self.random_state!r}."
+                )
             fingerprint = self._fingerprint(X, y, groups)
             start = _checkpoint.load(checkpoint, fingerprint)
+            if start is not None and warm and start["n_iter"] <= trainer.n_iter:
+                start = None  # the checkpoint holds this estimator's own (older) state
             if start is not None:
                 try:
                     trainer.load_state_dict(start)
@@ -475,7 +500,8 @@ class _BaseMetaVI(BaseEstimator):
                         "probably written by another version of skmetavi. Delete it to start "
                         "over, or pass another checkpoint path."
                     ) from exc
-                n_todo = max(0, self.max_meta_iter - trainer.n_iter)
+                target = start.get("target_iter", target)
+        n_todo = max(0, target - trainer.n_iter)
         bar = _progress(n_todo, self.verbose, "meta_fit")
         interrupted = False
         # True while trainer.step() runs: an interrupt there may leave the iteration
@@ -492,7 +518,8 @@ class _BaseMetaVI(BaseEstimator):
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{value:.4g}")
                 if checkpoint is not None and trainer.n_iter % checkpoint_every == 0:
-                    _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
+                    _checkpoint.save(checkpoint, {**trainer.state_dict(), "target_iter": target},
+                                     fingerprint)
         except KeyboardInterrupt:
             interrupted = True
         except NonFiniteError as exc:
@@ -505,7 +532,8 @@ class _BaseMetaVI(BaseEstimator):
             if bar is not None:
                 bar.close()
         if checkpoint is not None and not in_step:
-            _checkpoint.save(checkpoint, trainer.state_dict(), fingerprint)
+            _checkpoint.save(checkpoint, {**trainer.state_dict(), "target_iter": target},
+                             fingerprint)
         self._store_meta_state(trainer, labels)
         if interrupted:
             where = (
@@ -533,7 +561,7 @@ class _BaseMetaVI(BaseEstimator):
                 h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
         skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device", "task_chunk_size"}
         params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
-        h.update(repr(sorted(params.items())).encode())
+        h.update(repr(sorted((k, _stable_repr(v)) for k, v in params.items())).encode())
         return h.hexdigest()
 
     def _store_meta_state(self, trainer, labels):
@@ -547,7 +575,7 @@ class _BaseMetaVI(BaseEstimator):
         self.meta_tasks_ = labels
         # The full trainer state, so that warm_start continues exactly; on the CPU
         # like all fitted state (the meta-optimiser's Adam moments live on `device`).
-        self._meta_state = _to_cpu(trainer.state_dict())
+        self._meta_state = trainer.state_dict()
         self._meta_state["learn_init"] = trainer.learn_init
 
     def _load_meta_state(self, trainer, labels):

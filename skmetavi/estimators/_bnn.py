@@ -134,9 +134,10 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     n_weights_ : int
         Number of weights and biases.
     loss_curve_ : ndarray of shape (n_steps,)
-        Negative bound at each inner step of :meth:`fit`.
+        Negative bound at each inner step of :meth:`fit`; warm-started fits
+        append to it.
     n_iter_ : int
-        Inner steps run by the last :meth:`fit`.
+        Inner steps run by the last :meth:`fit` call.
     n_features_in_ : int
         Number of features seen during fit.
     meta_divergence_ : Divergence
@@ -146,7 +147,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss per outer iteration.
     n_meta_iter_ : int
-        Outer iterations run.
+        Outer iterations run in total (warm-started :meth:`meta_fit` calls add up).
     meta_tasks_ : ndarray
         Task labels seen by :meth:`meta_fit`.
 

@@ -144,10 +144,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         Mean of the fitted q.
     covariance_ : ndarray of shape (n_latent, n_latent)
         Covariance of the fitted q.
-    loss_curve_ : ndarray of shape (n_iter_,)
-        Negative bound of the divergence at each :meth:`fit` iteration.
+    loss_curve_ : ndarray of shape (n_steps,)
+        Negative bound of the divergence at each :meth:`fit` iteration;
+        warm-started fits append to it.
     n_iter_ : int
-        Iterations run by the last :meth:`fit`.
+        Iterations run by the last :meth:`fit` call.
     n_latent_ : int
         Dimension of z.
     n_features_in_ : int
@@ -159,7 +160,7 @@ class MetaDivergenceVI(_BaseMetaVI):
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss of each outer iteration (NaN where rolled back).
     n_meta_iter_ : int
-        Outer iterations run.
+        Outer iterations run in total (warm-started :meth:`meta_fit` calls add up).
     meta_tasks_ : ndarray
         The task labels seen by :meth:`meta_fit`.
 

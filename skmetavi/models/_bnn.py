@@ -146,7 +146,9 @@ class BNNRegression(Target):
         shapes = self.layer_shapes(n_features)
         for li, (i, o) in enumerate(shapes):
             std = math.sqrt(2.0 / i) if li < len(shapes) - 1 else 0.1 / math.sqrt(i)
-            w = torch.randn((n_tasks, i * o), generator=generator, dtype=dtype, device=device) * std
+            w = torch.randn(
+                (n_tasks, i * o), generator=generator, dtype=dtype, device=generator.device
+            ).to(device) * std
             chunks += [w, torch.zeros((n_tasks, o), dtype=dtype, device=device)]
         return torch.cat(chunks, dim=-1)
 

@@ -91,6 +91,9 @@ class Target(ParamsMixin):
 
     requires_y = False
     has_likelihood = False
+    #: Whether a task's rows are i.i.d. likelihood terms, so that a minibatch of rows
+    #: with the log-likelihood rescaled by ``N / batch`` is an unbiased estimate.
+    supports_minibatch = True
 
     def n_latent(self, n_features: int) -> int:
         """Return the dimension of z for data with ``n_features`` columns.
@@ -238,6 +241,8 @@ class GaussianMixture1D(Target):
     >>> round(float(GaussianMixture1D().log_joint(z, tasks, {}).exp()), 4)
     0.2319
     """
+
+    supports_minibatch = False  # rows are the mixture's components, not data
 
     def n_latent(self, n_features):
         return 1
@@ -460,6 +465,8 @@ class CallableTarget(Target):
     >>> target.log_joint(z, tasks, {})
     tensor([[-0.5000, -2.0000]])
     """
+
+    supports_minibatch = False  # the callable sees the rows it is given, unscaled
 
     def __init__(self, fn, n_latent):
         if not callable(fn):
