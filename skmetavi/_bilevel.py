@@ -181,7 +181,7 @@ def inner_step(
         if not create_graph:
             direction = {k: v.detach() for k, v in direction.items()}
         new, new_state = optimizer.update(
-            {k: v.detach() for k, v in params.items()}, direction, detach_state(state)
+            detach_state(params), direction, detach_state(state)
         )
         if first_order_chain:
             # phi_{b+1} = phi_b + (update at sg(phi_b)): identity Jacobian in phi.
@@ -525,7 +525,7 @@ class MetaTrainer:
     def _start_params(self, task_ids, m):
         if self.learn_init:
             params = {k: v.expand((m,) + v.shape[1:]) for k, v in self.init_params.items()}
-            state = self.inner_optimizer.init({k: v.detach() for k, v in params.items()})
+            state = self.inner_optimizer.init(detach_state(params))
         else:
             params = {k: v[task_ids].requires_grad_(self.differentiable) for k, v in self.task_params.items()}
             state = index_state(self.task_state, task_ids)
@@ -554,7 +554,7 @@ class MetaTrainer:
         if ok and self.differentiable:
             # mean over the M tasks of the whole outer batch, accumulated chunk by chunk
             (J_sum / M).backward()
-        return float(J_sum.detach()), _detached(params), detach_state(state), ok
+        return float(J_sum.detach()), detach_state(params), detach_state(state), ok
 
     def _implicit_chunk(self, params, state, support, query, noise, M):
         """Implicit meta-gradient at the end of the inner loop (treated as a fixed point).
@@ -591,7 +591,7 @@ class MetaTrainer:
             grads = torch.autograd.grad([g[k] for k in keys], eta, grad_outputs=x, allow_unused=True)
             for p_, gr in zip(eta, _zeros_for_none(grads, eta)):
                 p_.grad = -gr if p_.grad is None else p_.grad - gr
-        return float(J_sum.detach()), _detached(params), detach_state(state), ok
+        return float(J_sum.detach()), detach_state(params), detach_state(state), ok
 
     def _optimizers(self):
         return [o for o in (self.meta_optimizer, self.init_optimizer) if o is not None]
@@ -790,10 +790,6 @@ def _cpu_tree(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_cpu_tree(v) for v in tree)
     return tree
-
-
-def _detached(params):
-    return {k: v.detach() for k, v in params.items()}
 
 
 def _leaves(tree):
