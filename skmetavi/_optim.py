@@ -5,7 +5,9 @@ Parameters and states are dicts of tensors with a leading task dimension
 through.  Updates *ascend* the direction they are given (the engine passes the
 ascent direction of the negative divergence).  Every state carries a per-task
 ``lr_scale`` so that a task whose step failed can have its step size reduced
-alone.
+alone.  ``param_state_keys`` names the sub-dicts of the state that hold one
+tensor per parameter (Adam's moments), so that the engine can gather and
+scatter the rows of per-row (local) parameters together with their state.
 """
 
 # Authors: The skmetavi developers
@@ -14,6 +16,19 @@ alone.
 from __future__ import annotations
 
 import torch
+
+from skmetavi._tree import detach, index, scatter_
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "INNER_OPTIMIZERS",
+    "make_optimizer",
+    "map_param_state",
+    "detach_state",
+    "index_state",
+    "scatter_state",
+]
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -24,6 +39,10 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class SGD:
     """Plain gradient ascent, ``phi <- phi + lr * direction``.
 
+    The inner update of Algorithms 1 and 2 of Zhang et al. (2021): every step is
+    linear in the direction, so the meta-gradient reaches eta from the first
+    step.
+
     Parameters
     ----------
     lr : float
@@ -31,9 +50,13 @@ class SGD:
     """
 
     name = "sgd"
+    param_state_keys: tuple = ()
 
     def __init__(self, lr: float):
         self.lr = lr
+
+    def __repr__(self):
+        return f"SGD(lr={self.lr!r})"
 
     def init(self, params: dict) -> dict:
         ref = next(iter(params.values()))
@@ -59,14 +82,32 @@ class Adam:
         Step size.
     betas : tuple of float, default=(0.9, 0.999)
     eps : float, default=1e-8
+    frozen_preconditioner : bool, default=False
+        Treat Adam's normalisation ``1 / sqrt(v_hat + eps^2)`` as a constant in
+        meta-gradients (the second moment ``v`` is accumulated from detached
+        squared directions).  The parameter values of every step are exactly
+        those of Adam; only derivatives through ``v`` are dropped.  Exact Adam
+        (False) starts from ``v = 0``, so that its first step is ``lr *
+        sign(direction)`` whose derivative is ~0: from a fresh state (every step
+        of Algorithm 2, the first visit of a task in Algorithm 1) the divergence
+        receives no meta-gradient through it.  With a frozen preconditioner the
+        first step is a preconditioned gradient step, linear in the direction.
     """
 
     name = "adam"
+    param_state_keys = ("m", "v")
 
-    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, *,
+                 frozen_preconditioner: bool = False, relative_eps: float = 0.0):
         self.lr = lr
         self.betas = betas
         self.eps = eps
+        self.frozen_preconditioner = frozen_preconditioner
+        self.relative_eps = relative_eps
+
+    def __repr__(self):
+        return (f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}, "
+                f"frozen_preconditioner={self.frozen_preconditioner!r})")
 
     def init(self, params: dict) -> dict:
         ref = next(iter(params.values()))
@@ -85,47 +126,59 @@ class Adam:
         new_params, m_new, v_new = {}, {}, {}
         for k, p in params.items():
             g = direction[k]
+            g2 = g * g
+            if self.frozen_preconditioner:
+                g2 = g2.detach()
             m = b1 * state["m"][k] + (1 - b1) * g
-            v = b2 * state["v"][k] + (1 - b2) * g * g
+            v = b2 * state["v"][k] + (1 - b2) * g2
             m_hat = m / _bcast(c1, m)
             v_hat = v / _bcast(c2, v)
             lr = self.lr * _bcast(state["lr_scale"], p)
-            new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
+            floor = self.eps**2
+            if self.relative_eps:
+                floor = torch.clamp(
+                    self.relative_eps**2 * v_hat.detach().reshape(v.shape[0], -1).mean(-1), min=floor
+                )
+                floor = _bcast(floor, v_hat)
+            new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + floor)
             m_new[k], v_new[k] = m, v
         return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new}
 
 
-INNER_OPTIMIZERS = ("sgd", "adam")
+INNER_OPTIMIZERS = ("sgd", "adam", "adam_exact")
 
 
 def make_optimizer(name: str, lr: float):
-    """Build an inner optimiser from its name."""
+    """Build an inner optimiser from its name.
+
+    ``"adam"`` is Adam whose preconditioner is a constant for meta-gradients
+    (:class:`Adam` with ``frozen_preconditioner=True``); ``"adam_exact"``
+    differentiates through it too.
+    """
     if name == "sgd":
         return SGD(lr)
     if name == "adam":
         return Adam(lr)
+    if name == "adam_exact":
+        return Adam(lr)
     raise ValueError(f"Unknown inner optimizer {name!r}; valid names are {list(INNER_OPTIMIZERS)}.")
 
 
-def detach_state(state):
-    """Detach every tensor in a (nested) optimiser state."""
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    return state.detach()
+def map_param_state(optimizer, state: dict, keys, fn, *others) -> dict:
+    """Apply ``fn`` to the per-parameter state of ``keys`` (e.g. Adam's moments).
+
+    ``fn(leaf, *matching leaves of others)``; everything else is kept.
+    """
+    out = dict(state)
+    for sub in optimizer.param_state_keys:
+        out[sub] = {
+            k: fn(v, *(o[sub][k] for o in others)) if k in keys else v
+            for k, v in state[sub].items()
+        }
+    return out
 
 
-def index_state(state, idx):
-    """Select tasks ``idx`` from every tensor of a (nested) state."""
-    if isinstance(state, dict):
-        return {k: index_state(v, idx) for k, v in state.items()}
-    return state[idx]
-
-
-def scatter_state(store, idx, values):
-    """Write the tasks ``idx`` of ``values`` into ``store`` (in place, detached)."""
-    if isinstance(store, dict):
-        for k in store:
-            scatter_state(store[k], idx, values[k])
-        return store
-    store[idx] = values.detach()
-    return store
+# Kept under their historical names: thin uses of skmetavi._tree.
+detach_state = detach
+index_state = index
+scatter_state = scatter_

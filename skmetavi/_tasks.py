@@ -5,29 +5,70 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
+__all__ = [
+    "TaskBatch",
+    "pad_tasks",
+    "minibatch",
+    "gather_rows",
+    "scatter_rows",
+    "TaskNoise",
+    "TaskGenerators",
+]
 
-class TaskBatch(NamedTuple):
+
+class TaskBatch:
     """M tasks padded to a common number of rows.
 
-    Attributes
+    Every row-aligned quantity of a task (inputs ``X``, targets ``y``, an
+    observation mask, ...) is a *field* of shape ``(M, n_max, ...)``; a
+    minibatch gathers all of them with the same row indices and records those
+    indices in :attr:`rows`, so that per-row (local) parameters can be gathered
+    and scattered back.
+
+    Parameters
     ----------
-    X : torch.Tensor of shape (M, n_max, n_features)
-    y : torch.Tensor of shape (M, n_max, ...) or None
+    fields : mapping of str to torch.Tensor
+        Row-aligned tensors of shape ``(M, n_max, ...)``; ``"X"`` is required.
     mask : torch.Tensor of shape (M, n_max), bool
         True for real rows, False for padding.
     lik_scale : torch.Tensor of shape (M,)
         Multiplies each task's summed log-likelihood (``N / n_batch`` when the
         rows are a minibatch of a task of size ``N``; 1 otherwise).
+    rows : torch.Tensor of shape (M, n_max), long, or None
+        Index of each row in its full task (a minibatch); None when the rows are
+        the full task in order.
+
+    Attributes
+    ----------
+    X : torch.Tensor of shape (M, n_max, n_features)
+    y : torch.Tensor of shape (M, n_max, ...) or None
     """
 
-    X: torch.Tensor
-    y: Optional[torch.Tensor]
-    mask: torch.Tensor
-    lik_scale: torch.Tensor
+    __slots__ = ("fields", "mask", "lik_scale", "rows")
+
+    def __init__(self, fields: Mapping[str, torch.Tensor], mask, lik_scale, rows=None):
+        if "X" not in fields:
+            raise ValueError("A TaskBatch needs an 'X' field.")
+        self.fields = dict(fields)
+        self.mask = mask
+        self.lik_scale = lik_scale
+        self.rows = rows
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.fields.items())
+        return f"TaskBatch({shapes}, minibatch={self.rows is not None})"
+
+    @property
+    def X(self) -> torch.Tensor:
+        return self.fields["X"]
+
+    @property
+    def y(self) -> Optional[torch.Tensor]:
+        return self.fields.get("y")
 
     @property
     def n_tasks(self) -> int:
@@ -38,72 +79,113 @@ class TaskBatch(NamedTuple):
         """Number of real rows per task, shape (M,)."""
         return self.mask.sum(-1)
 
+    def replace(self, **changes) -> "TaskBatch":
+        """A copy with some of ``fields``, ``mask``, ``lik_scale``, ``rows`` replaced."""
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out.update(changes)
+        return TaskBatch(**out)
+
     def index(self, idx) -> "TaskBatch":
         """Select tasks (``idx``: LongTensor or slice)."""
         return TaskBatch(
-            self.X[idx],
-            None if self.y is None else self.y[idx],
+            {k: v[idx] for k, v in self.fields.items()},
             self.mask[idx],
             self.lik_scale[idx],
+            None if self.rows is None else self.rows[idx],
         )
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
+        """Move to ``device``; floating-point fields (and ``lik_scale``) to ``dtype``."""
+
         def conv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return TaskBatch(
-            conv(self.X), conv(self.y), self.mask.to(device), conv(self.lik_scale)
+            {k: conv(v) for k, v in self.fields.items()},
+            self.mask.to(device),
+            conv(self.lik_scale),
+            None if self.rows is None else self.rows.to(device),
         )
 
     def unpad(self, m: int):
         """Rows of task ``m`` without padding: ``(X_m, y_m)``."""
         keep = self.mask[m]
-        return self.X[m][keep], None if self.y is None else self.y[m][keep]
+        y = self.y
+        return self.X[m][keep], None if y is None else y[m][keep]
 
 
 def pad_tasks(
-    Xs: Sequence[torch.Tensor], ys: Optional[Sequence[torch.Tensor]] = None
+    Xs: Sequence[torch.Tensor],
+    ys: Optional[Sequence[torch.Tensor]] = None,
+    **fields: Sequence[torch.Tensor],
 ) -> TaskBatch:
-    """Stack ragged tasks into a :class:`TaskBatch` (zero padding + mask)."""
+    """Stack ragged tasks into a :class:`TaskBatch` (zero padding + mask).
+
+    Parameters
+    ----------
+    Xs : sequence of torch.Tensor of shape (n_m, n_features)
+        Each task's inputs.
+    ys : sequence of torch.Tensor of shape (n_m, ...), default=None
+        Each task's targets.
+    **fields : sequence of torch.Tensor of shape (n_m, ...)
+        Further row-aligned fields (e.g. an observation mask), padded with zeros
+        (False for bool tensors).
+    """
     n_max = max(int(X.shape[0]) for X in Xs)
     ref = Xs[0]
-    M, p = len(Xs), ref.shape[1]
-    X = ref.new_zeros((M, n_max, p))
-    mask = torch.zeros((M, n_max), dtype=torch.bool, device=ref.device)
-    y = None
+    M = len(Xs)
+    columns = {"X": Xs}
     if ys is not None:
-        y = ys[0].new_zeros((M, n_max) + tuple(ys[0].shape[1:]))
+        columns["y"] = ys
+    columns.update(fields)
+    out = {}
+    for name, parts in columns.items():
+        if len(parts) != M:
+            raise ValueError(f"Field {name!r} has {len(parts)} tasks, X has {M}.")
+        buf = parts[0].new_zeros((M, n_max) + tuple(parts[0].shape[1:]))
+        for m, part in enumerate(parts):
+            buf[m, : part.shape[0]] = part
+        out[name] = buf
+    mask = torch.zeros((M, n_max), dtype=torch.bool, device=ref.device)
     for m, Xm in enumerate(Xs):
-        n = Xm.shape[0]
-        X[m, :n] = Xm
-        mask[m, :n] = True
-        if ys is not None:
-            y[m, :n] = ys[m]
-    return TaskBatch(X, y, mask, ref.new_ones(M))
+        mask[m, : Xm.shape[0]] = True
+    return TaskBatch(out, mask, ref.new_ones(M))
 
 
-def minibatch(tasks: TaskBatch, batch_size: int, generator: torch.Generator) -> TaskBatch:
+def gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[m, rows[m]]`` for every task: (M, n, ...) and (M, b) -> (M, b, ...)."""
+    idx = rows.reshape(rows.shape + (1,) * (t.ndim - 2)).expand(rows.shape + t.shape[2:])
+    return torch.gather(t, 1, idx)
+
+
+def scatter_rows(t: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Out of place: ``t`` with ``t[m, rows[m]] = values[m]`` (differentiable in both)."""
+    idx = rows.reshape(rows.shape + (1,) * (t.ndim - 2)).expand(values.shape)
+    return t.scatter(1, idx, values)
+
+
+def minibatch(tasks: TaskBatch, batch_size: int, generator) -> TaskBatch:
     """Draw ``batch_size`` rows per task without replacement, rescaling the likelihood.
 
-    Tasks with at most ``batch_size`` rows are used whole.
+    Tasks with at most ``batch_size`` rows are used whole.  Every field is
+    gathered with the same rows, which are recorded in ``rows``.
     """
     n_rows = tasks.n_rows
     n_max = tasks.X.shape[1]
     if batch_size >= n_max:
         return tasks
-    keys = rand(tasks.mask.shape, generator, device=tasks.X.device)
+    if isinstance(generator, TaskGenerators):
+        keys = generator.row_keys(tasks.mask, batch_size)
+    else:
+        keys = rand(tasks.mask.shape, generator, device=tasks.X.device)
     keys = keys.masked_fill(~tasks.mask, 2.0)  # padding sorts last
     idx = keys.argsort(dim=-1)[:, :batch_size]  # (M, batch_size)
     mask = torch.gather(tasks.mask, 1, idx)
-    X = torch.gather(tasks.X, 1, idx.unsqueeze(-1).expand(-1, -1, tasks.X.shape[-1]))
-    y = None
-    if tasks.y is not None:
-        shape = idx.shape + tasks.y.shape[2:]
-        idx_y = idx.reshape(idx.shape + (1,) * (tasks.y.ndim - 2)).expand(shape)
-        y = torch.gather(tasks.y, 1, idx_y)
+    fields = {k: gather_rows(v, idx) for k, v in tasks.fields.items()}
+    rows = idx if tasks.rows is None else torch.gather(tasks.rows, 1, idx)
     n_used = mask.sum(-1).clamp(min=1)
     scale = tasks.lik_scale * n_rows.to(tasks.X.dtype) / n_used.to(tasks.X.dtype)
-    return TaskBatch(X, y, mask, scale)
+    return TaskBatch(fields, mask, scale, rows)
 
 
 class TaskNoise:
@@ -124,8 +206,8 @@ class TaskNoise:
     rows : torch.Tensor or slice
         The tasks of this shard.
     fixed : bool, default=False
-        Return the same numbers at every draw (deterministic inner problems,
-        used to test implicit gradients).
+        Return the same numbers at every draw (deterministic inner problems:
+        implicit meta-gradients and their tests).
     """
 
     def __init__(self, seed: int, n_total: int, rows, fixed: bool = False):
@@ -152,15 +234,63 @@ class TaskNoise:
         return full[self.rows]
 
 
+class TaskGenerators:
+    """One ``torch.Generator`` per task: each task draws exactly what it would draw alone.
+
+    Adapting several tasks at once with this noise gives every task the random
+    numbers of a separate single-task run with its own generator (minibatch
+    keys included: a task draws keys for its own rows only, and none when it
+    fits in one batch), so batched adaptation does not depend on which other
+    tasks are adapted alongside.
+
+    Parameters
+    ----------
+    generators : sequence of torch.Generator
+        One per task, in task order.
+    """
+
+    def __init__(self, generators):
+        self.generators = list(generators)
+
+    def randn(self, shape, *, dtype, device) -> torch.Tensor:
+        """Standard normals of shape ``shape`` (its first dimension is the tasks)."""
+        return torch.stack([
+            torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=device)
+            for g in self.generators
+        ])
+
+    def rand(self, shape, *, dtype=None, device=None) -> torch.Tensor:
+        """Uniforms on [0, 1) of shape ``shape`` (its first dimension is the tasks)."""
+        return torch.stack([
+            torch.rand(tuple(shape[1:]), generator=g, dtype=dtype, device=device)
+            for g in self.generators
+        ])
+
+    def row_keys(self, mask, batch_size) -> torch.Tensor:
+        """Minibatch sort keys, as a single task with ``mask[m]``'s rows would draw them.
+
+        Real rows come first in every task (:func:`pad_tasks`).  A task with at
+        most ``batch_size`` rows draws nothing and keeps its rows in order.
+        """
+        keys = torch.full(mask.shape, 2.0, device=mask.device)
+        for m, g in enumerate(self.generators):
+            n = int(mask[m].sum())
+            if n > batch_size:
+                keys[m, :n] = torch.rand((1, n), generator=g, device=mask.device)[0]
+            else:
+                keys[m, :n] = torch.arange(n, device=mask.device) / (n + 1)
+        return keys
+
+
 def randn(shape, generator, *, dtype, device) -> torch.Tensor:
-    """``torch.randn`` from a ``torch.Generator`` or a :class:`TaskNoise`."""
-    if isinstance(generator, TaskNoise):
-        return generator.randn(shape, dtype=dtype, device=device)
-    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    """``torch.randn`` from a ``torch.Generator`` or a noise object (:class:`TaskNoise`, ...)."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return generator.randn(shape, dtype=dtype, device=device)
 
 
 def rand(shape, generator, *, dtype=None, device=None) -> torch.Tensor:
-    """``torch.rand`` from a ``torch.Generator`` or a :class:`TaskNoise`."""
-    if isinstance(generator, TaskNoise):
-        return generator.rand(shape, dtype=dtype, device=device)
-    return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    """``torch.rand`` from a ``torch.Generator`` or a noise object (:class:`TaskNoise`, ...)."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    return generator.rand(shape, dtype=dtype, device=device)

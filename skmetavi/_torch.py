@@ -68,12 +68,3 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 def seed_from_random_state(rng: np.random.RandomState) -> int:
     """Draw a 63-bit seed from a numpy ``RandomState``."""
     return int(rng.randint(0, 2**31 - 1)) * (2**31) + int(rng.randint(0, 2**31 - 1))
-
-
-def tree_to(params: dict, device="cpu", detach=True) -> dict:
-    """Move a dict of tensors to ``device`` (detached, contiguous clones)."""
-    out = {}
-    for k, v in params.items():
-        v = v.detach() if detach else v
-        out[k] = v.to(device).clone()
-    return out

@@ -9,7 +9,7 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from skmetavi.estimators._base import _check_random_state
+from skmetavi._validation import _check_random_state
 
 __all__ = ["make_mog_tasks", "make_sinusoid_tasks"]
 

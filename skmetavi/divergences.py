@@ -26,7 +26,6 @@ import abc
 import copy
 import math
 from numbers import Integral, Real
-from typing import Callable
 
 import torch
 from torch import nn

@@ -35,12 +35,7 @@ from sklearn.utils.validation import (
     column_or_1d,
 )
 
-from skmetavi.estimators._base import (
-    _check_random_state,
-    _validate_data,
-    _with_hint,
-    check_groups,
-)
+from skmetavi._validation import _check_random_state, _validate_data, _with_hint, check_groups
 from skmetavi.metrics import _SCORE_FUNCS, SCORERS
 
 __all__ = ["support_query_split", "TaskAdaptiveRegressor"]

@@ -32,6 +32,13 @@ TORCH_ONLY = sorted(
         PACKAGE_DIR / "_optim.py",
         PACKAGE_DIR / "_tasks.py",
         PACKAGE_DIR / "_params.py",
+        PACKAGE_DIR / "_tree.py",
+        PACKAGE_DIR / "_inner.py",
+        PACKAGE_DIR / "_meta_losses.py",
+        PACKAGE_DIR / "_strategies.py",
+        PACKAGE_DIR / "_trainer.py",
+        PACKAGE_DIR / "_implicit.py",
+        PACKAGE_DIR / "_distributed.py",
         *(PACKAGE_DIR / "models").glob("*.py"),
     ]
 )

@@ -13,12 +13,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from skmetavi import _torch
-from skmetavi.estimators._base import (
-    _BaseMetaVI,
-    _check_array,
-    _check_random_state,
-    _validate_data,
-)
+from skmetavi._validation import _check_array, _check_random_state, _validate_data
+from skmetavi.estimators._base import _BaseMetaVI
 from skmetavi.models import MeanFieldGaussian
 from skmetavi.models._bnn import ACTIVATIONS, LIKELIHOODS, BNNRegression
 
@@ -60,8 +56,14 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Standard deviation of the Gaussian prior on each weight.
     n_particles : int, default=10
         Weight samples K per inner step.
-    inner_optimizer : {"adam", "sgd"}, default="adam"
+    inner_optimizer : {"adam", "sgd", "adam_exact"}, default="adam"
         Inner-loop optimiser of both :meth:`fit` and :meth:`meta_fit`.
+        ``"adam"`` takes Adam's steps but treats its normalisation
+        ``1/sqrt(v)`` as a constant preconditioner in meta-gradients;
+        ``"adam_exact"`` differentiates through it too, which gives the
+        divergence no meta-gradient from a fresh state (Adam's first step is
+        ``lr * sign(direction)``: every step of Algorithm 2 with one inner
+        step).
     inner_lr : float, default=0.01
         Inner step size (beta).
     max_iter : int, default=200
@@ -101,6 +103,15 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Meta-gradient through the inner steps (see :class:`MetaDivergenceVI`).
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
+    implicit_max_iter : int, default=100
+        GMRES steps of the adjoint solve of ``meta_gradient="implicit"``.
+    implicit_tol : float, default=1e-5
+        Relative residual at which that solve stops; a ``RuntimeWarning``
+        reports a solve that ends far above it.
+    implicit_damping : float, default=1e-8
+        Damping of that solve relative to the operator's scale
+        (``||H^T b|| / ||b||``); larger values stabilise ill-conditioned inner
+        problems at the price of a bias towards a shorter horizon.
     max_grad_norm : float, default=1.0
         Clip the norm of the meta-gradients of the divergence and of the
         initialisation (separately) before each outer Adam step; None disables
@@ -229,6 +240,9 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         meta_learn_init=False,
         meta_gradient="full",
         truncate=None,
+        implicit_max_iter=100,
+        implicit_tol=1e-5,
+        implicit_damping=1e-8,
         max_grad_norm=1.0,
         task_chunk_size=None,
         query_fraction=0.5,
@@ -260,6 +274,9 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         self.meta_learn_init = meta_learn_init
         self.meta_gradient = meta_gradient
         self.truncate = truncate
+        self.implicit_max_iter = implicit_max_iter
+        self.implicit_tol = implicit_tol
+        self.implicit_damping = implicit_damping
         self.max_grad_norm = max_grad_norm
         self.task_chunk_size = task_chunk_size
         self.query_fraction = query_fraction
@@ -291,21 +308,6 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
             self, X, y, reset=reset, dtype=[np.float64, np.float32], y_numeric=True
         )
 
-    def _initial_params(self, problem, n_tasks, tasks, generator):
-        family, target = problem
-        params = family.init_params(
-            n_tasks, loc=0.0, scale=self.init_scale, dtype=self._dtype, device=self._device
-        )
-        n_features = self._n_features_for_init()
-        params["loc"] = target.init_loc(
-            n_tasks, n_features, generator=generator, dtype=self._dtype, device=self._device
-        )
-        params.update(target.init_params(n_tasks, dtype=self._dtype, device=self._device))
-        return params
-
-    def _n_features_for_init(self):
-        return self.n_features_in_
-
     @staticmethod
     def _standardise(y, rows):
         mean = float(np.mean(y[rows]))
@@ -322,15 +324,14 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
             y[rows] = (y[rows] - mean) / std
         return y
 
-    def _transform_fit_targets(self, y):
+    def _fit_target_transform(self, y):
         if not self.normalize_y:
-            self._y_mean, self._y_std = 0.0, 1.0
-            return y
-        self._y_mean, self._y_std = self._standardise(y, slice(None))
-        return (y - self._y_mean) / self._y_std
+            return y, {"_y_mean": 0.0, "_y_std": 1.0}
+        mean, std = self._standardise(y, slice(None))
+        return (y - mean) / std, {"_y_mean": mean, "_y_std": std}
 
-    def _after_fit(self, problem, tasks):
-        self.n_weights_ = problem.family.n_latent
+    def _after_fit(self, model):
+        self.n_weights_ = model.n_latent
 
     # -------------------------------------------------------- prediction
     def _network_outputs(self, target, z, params, X):
@@ -381,8 +382,9 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         check_is_fitted(self)
         X = _validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         self._setup_torch()
-        family, target = self._problem(self.n_features_in_)
-        params = {k: v.to(self._device, self._dtype) for k, v in self.variational_params_.items()}
+        model = self._model(self.n_features_in_)
+        family, target = model.family, model.target
+        params = self._q_params()
         gen = _torch.make_generator(self._predict_seed, self._device)
         eps = family.sample_eps(
             1, self.n_predict_samples, generator=gen, dtype=self._dtype, device=self._device
@@ -506,8 +508,9 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
             else np.random.RandomState(self._sample_seed % (2**32))
         )
         self._setup_torch()
-        family, target = self._problem(self.n_features_in_)
-        params = {k: v.to(self._device, self._dtype) for k, v in self.variational_params_.items()}
+        model = self._model(self.n_features_in_)
+        family, target = model.family, model.target
+        params = self._q_params()
         gen = _torch.make_generator(_torch.seed_from_random_state(rng), self._device)
         eps = family.sample_eps(1, n_samples, generator=gen, dtype=self._dtype, device=self._device)
         out = []

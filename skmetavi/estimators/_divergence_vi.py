@@ -12,13 +12,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from skmetavi import _torch
-from skmetavi.estimators._base import (
-    META_LOSS_NAMES,
-    _BaseMetaVI,
-    _check_array,
-    _check_random_state,
-    _validate_data,
-)
+from skmetavi._validation import _check_array, _check_random_state, _validate_data
+from skmetavi.estimators._base import _BaseMetaVI
+from skmetavi.estimators._meta_fit import META_LOSS_NAMES
 from skmetavi.models import FAMILY_NAMES, TARGET_NAMES, Target, make_family, make_target
 
 
@@ -60,10 +56,15 @@ class MetaDivergenceVI(_BaseMetaVI):
         initial (learnable) divergence of :meth:`meta_fit`.
     n_particles : int, default=100
         Monte Carlo particles K per inner step.
-    inner_optimizer : {"adam", "sgd"}, default="adam"
+    inner_optimizer : {"adam", "sgd", "adam_exact"}, default="adam"
         Inner-loop optimiser, used by both :meth:`fit` and :meth:`meta_fit`.
         The paper's algorithms use SGD; Adam is robust to the scale of the
-        target.
+        target.  ``"adam"`` takes Adam's steps but treats its normalisation
+        ``1/sqrt(v)`` as a constant preconditioner in meta-gradients;
+        ``"adam_exact"`` differentiates through it too, which gives the
+        divergence no meta-gradient from a fresh state (Adam's first step is
+        ``lr * sign(direction)``: every step of Algorithm 2 with one inner
+        step).
     inner_lr : float, default=0.05
         Inner step size (beta in Algorithms 1 and 2).
     max_iter : int, default=500
@@ -104,6 +105,15 @@ class MetaDivergenceVI(_BaseMetaVI):
         with few inner steps; not available with ``meta_learn_init``).
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
+    implicit_max_iter : int, default=100
+        GMRES steps of the adjoint solve of ``meta_gradient="implicit"``.
+    implicit_tol : float, default=1e-5
+        Relative residual at which that solve stops; a ``RuntimeWarning``
+        reports a solve that ends far above it.
+    implicit_damping : float, default=1e-8
+        Damping of that solve relative to the operator's scale
+        (``||H^T b|| / ||b||``); larger values stabilise ill-conditioned inner
+        problems at the price of a bias towards a shorter horizon.
     max_grad_norm : float, default=None
         Clip the norm of the meta-gradients of the divergence and of the
         initialisation (separately) before each outer Adam step; None disables
@@ -236,6 +246,9 @@ class MetaDivergenceVI(_BaseMetaVI):
         meta_learn_init=False,
         meta_gradient="full",
         truncate=None,
+        implicit_max_iter=100,
+        implicit_tol=1e-5,
+        implicit_damping=1e-8,
         max_grad_norm=None,
         task_chunk_size=None,
         query_fraction=0.5,
@@ -267,6 +280,9 @@ class MetaDivergenceVI(_BaseMetaVI):
         self.meta_learn_init = meta_learn_init
         self.meta_gradient = meta_gradient
         self.truncate = truncate
+        self.implicit_max_iter = implicit_max_iter
+        self.implicit_tol = implicit_tol
+        self.implicit_damping = implicit_damping
         self.max_grad_norm = max_grad_norm
         self.task_chunk_size = task_chunk_size
         self.query_fraction = query_fraction
@@ -311,8 +327,8 @@ class MetaDivergenceVI(_BaseMetaVI):
         X = _validate_data(self, X, reset=reset, dtype=dtypes)
         return X, None
 
-    def _after_fit(self, problem, tasks):
-        family = problem.family
+    def _after_fit(self, model):
+        family = model.family
         self.mean_ = _torch.to_numpy(family.mean(self.variational_params_))[0]
         self.covariance_ = _torch.to_numpy(family.covariance(self.variational_params_))[0]
 
@@ -323,9 +339,6 @@ class MetaDivergenceVI(_BaseMetaVI):
         return tags
 
     # ------------------------------------------------------ inference
-    def _q_params(self):
-        return {k: v.to(self._device) for k, v in self.variational_params_.items()}
-
     def score_samples(self, Z):
         """Compute the log density of the fitted q at latent points.
 
@@ -351,7 +364,7 @@ class MetaDivergenceVI(_BaseMetaVI):
                 f"shape (n_points, {self.n_latent_})."
             )
         self._setup_torch()
-        family = self._problem(self.n_features_in_).family
+        family = self._model(self.n_features_in_).family
         # float64 whatever dtype: a float32 Z overflows for |z| > 3.4e38 and its square
         # for |z| > 1.8e19, while the log density itself is representable far beyond.
         params = {k: v.to(self._device, torch.float64) for k, v in self.variational_params_.items()}
@@ -390,7 +403,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         else:
             seed = _torch.seed_from_random_state(_check_random_state(random_state))
         self._setup_torch()
-        family = self._problem(self.n_features_in_).family
+        family = self._model(self.n_features_in_).family
         gen = _torch.make_generator(seed, self._device)
         eps = family.sample_eps(1, n_samples, generator=gen, dtype=self._dtype, device=self._device)
         with torch.no_grad():
@@ -414,17 +427,16 @@ class MetaDivergenceVI(_BaseMetaVI):
         check_is_fitted(self)
         X, y = self._validate_task_data(X, y, reset=False)
         self._setup_torch()
-        problem = self._problem(self.n_features_in_)
-        tasks = self._to_tasks(X, y, [np.arange(X.shape[0])])
+        model = self._model(self.n_features_in_)
+        tasks = self._pad([X], None if y is None else [y])
         gen = _torch.make_generator(self._predict_seed, self._device)
-        family, target = problem
         params = self._q_params()
-        eps = family.sample_eps(1, self.n_score_particles, generator=gen, dtype=self._dtype, device=self._device)
         with torch.no_grad():
-            z = family.rsample(params, eps)
-            if target.has_likelihood:
-                log_lik = target.log_likelihood(z, tasks, params)[0]  # (K, n)
+            eps = model.sample_eps(params, tasks, self.n_score_particles, generator=gen)
+            z = model.rsample(params, tasks, eps)
+            if model.has_likelihood:
+                log_lik = model.log_likelihood(params, tasks, z)[0, 0]  # (K, n)
                 lpd = torch.logsumexp(log_lik, 0) - math.log(self.n_score_particles)
                 return float(lpd.mean())
-            log_w = target.log_joint(z, tasks, params) - family.log_prob(params, z)
+            log_w = model.log_p(params, tasks, z) - model.log_q(params, tasks, z)  # (1, 1, K)
             return float(log_w.mean())

@@ -4,6 +4,7 @@
 # SPDX-License-Identifier: BSD-3-Clause
 
 from skmetavi.models._bnn import BNNRegression
+from skmetavi.models._protocol import GlobalLatent, LatentModel
 from skmetavi.models._families import (
     FAMILY_NAMES,
     FullCovarianceGaussian,
@@ -29,6 +30,8 @@ __all__ = [
     "FullCovarianceGaussian",
     "GaussianMean",
     "GaussianMixture1D",
+    "GlobalLatent",
+    "LatentModel",
     "MeanFieldGaussian",
     "Target",
     "make_family",

@@ -1,0 +1,432 @@
+"""The inner level of the bilevel engine: functional VI steps for all tasks at once.
+
+Everything here is torch in, torch out.  Parameters are dicts of tensors with a
+leading task dimension ``M``; one call processes all ``M`` tasks at once.  The
+model is a :class:`~skmetavi.models.LatentModel`: log weights are ``(M, S, K)``
+(``S`` sites, ``K`` particles per site).
+
+Inner step (Sec. 3 of Zhang et al. 2021): with particles
+``z_sk = r_phi(eps_sk)`` and log weights ``l_sk = log p(z_sk, D_s) - log
+q_phi(z_sk)``, the ascent direction is ``sum_s c_s sum_k w_sk(l_s; eta) d l_sk /
+d phi``, where the weights come from the divergence, separately for every site
+``s``, and ``c_s`` are the model's site weights.  It is computed as a
+vector-Jacobian product with ``c_s w_sk`` as ``grad_outputs``, so that with
+``create_graph=True`` it stays differentiable in eta *and* in phi through the
+weights: the meta-gradient is the exact derivative of the unrolled computation
+(checked against finite differences in the tests).  Path-derivative divergences
+(Eq. (8)) first take ``d l / d z`` at fixed phi and then pull it back through
+``z = r_phi(eps)``, which drops the score term without any ``detach`` that would
+corrupt second derivatives.
+"""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from skmetavi import _tree
+from skmetavi._optim import map_param_state
+from skmetavi._tasks import gather_rows, minibatch, scatter_rows
+
+__all__ = [
+    "NonFiniteError",
+    "StepStats",
+    "GRADIENT_MODES",
+    "inner_direction",
+    "inner_step",
+    "inner_loop",
+    "VIRun",
+    "run_vi",
+    "finite_params",
+]
+
+GRADIENT_MODES = ("full", "first_order", "truncated", "implicit")
+
+
+class StepStats(NamedTuple):
+    """Per-task monitoring values of one inner step."""
+
+    bound: torch.Tensor  # (M,) the divergence's bound (higher is better), summed over sites
+    finite: torch.Tensor  # (M,) bool: log weights and direction finite
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when steps keep producing non-finite values after step-size cuts."""
+
+
+def zeros_for_none(grads, tensors):
+    """``torch.autograd.grad(..., allow_unused=True)`` output with zeros for unused inputs."""
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors))
+
+
+def _per_task(t: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of each task of ``t`` (M, ...) is finite, shape (M,)."""
+    return torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+
+
+def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
+    """Ascent direction of one inner step for all tasks.
+
+    Parameters
+    ----------
+    model : LatentModel
+    divergence : skmetavi.divergences.Divergence
+    params : dict of torch.Tensor, each of shape (M, ...)
+        Variational parameters (``model.variational_keys``) and model parameters.
+    tasks : TaskBatch
+    eps : torch.Tensor
+        The model's standard noise (``model.sample_eps``).
+    create_graph : bool
+        Keep the graph of the direction (for meta-gradients).
+
+    Returns
+    -------
+    direction : dict of torch.Tensor
+        ``sum_s c_s sum_k w_sk d l_sk / d params`` (ascent on the negative divergence).
+    stats : StepStats
+    """
+    var_keys = tuple(model.variational_keys)
+    model_keys = [k for k in params if k not in var_keys]
+    z = model.rsample(params, tasks, eps)
+    log_p = model.log_p(params, tasks, z)  # (M, S, K)
+    if divergence.path_derivative:
+        log_q = model.log_q(params, tasks, z)  # z-dependence needed for d/dz
+    else:
+        # Same function of phi as log q(r_phi(eps)), all derivatives included,
+        # without elementwise work on the particles.
+        log_q = model.log_q_reparameterised(params, tasks, eps)
+    log_w = log_p - log_q  # (M, S, K)
+    site_w = model.site_weights(tasks)  # (M, S) or None (one site of weight one)
+    site_ok = torch.isfinite(log_w).all(-1)  # (M, S)
+    if site_w is not None:
+        site_w = site_w.to(log_w.dtype)
+        valid = site_w != 0  # padding sites do not count
+        site_ok = site_ok | ~valid
+    finite = site_ok.all(-1)  # (M,)
+    # A non-finite task must not poison the others through shared reductions.
+    keep = finite.unsqueeze(-1) if site_w is None else valid & finite.unsqueeze(-1)
+    keep = keep.unsqueeze(-1)  # (M, S or 1, 1)
+    log_w_safe = torch.where(keep, log_w, torch.zeros_like(log_w))
+    w = divergence.particle_weights(log_w_safe)  # (M, S, K), differentiable in eta
+    w = torch.where(keep, w, torch.zeros_like(w))
+    if site_w is not None:
+        w = w * site_w.unsqueeze(-1)
+    retain = True if create_graph else None
+    if not divergence.path_derivative:
+        # Eq. (4): total derivative of l_sk, weights as grad_outputs.
+        inputs = [params[k] for k in var_keys] + [params[k] for k in model_keys]
+        grads = torch.autograd.grad(
+            log_w, inputs, grad_outputs=w, create_graph=create_graph, allow_unused=True
+        )
+        direction = dict(zip(list(var_keys) + model_keys, zeros_for_none(grads, inputs)))
+    else:
+        # Eq. (8): d l / d z at fixed phi, then pulled back through z = r_phi(eps).
+        (dz,) = torch.autograd.grad(
+            log_w, z, grad_outputs=w, create_graph=create_graph, retain_graph=True
+        )
+        var_inputs = [params[k] for k in var_keys]
+        g_var = torch.autograd.grad(
+            z,
+            var_inputs,
+            grad_outputs=dz,
+            create_graph=create_graph,
+            retain_graph=True if (model_keys or create_graph) else None,
+            allow_unused=True,
+        )
+        direction = dict(zip(var_keys, zeros_for_none(g_var, var_inputs)))
+        if model_keys:
+            # Model parameters (e.g. a decoder) follow sum_sk c_s w_sk grad log p(z_sk).
+            model_inputs = [params[k] for k in model_keys]
+            g_model = torch.autograd.grad(
+                log_p,
+                model_inputs,
+                grad_outputs=w,
+                create_graph=create_graph,
+                retain_graph=retain,
+                allow_unused=True,
+            )
+            direction.update(zip(model_keys, zeros_for_none(g_model, model_inputs)))
+    for g in direction.values():
+        finite = finite & _per_task(g)
+    with torch.no_grad():
+        bound = divergence.bound(log_p, log_q)  # (M, S)
+        if site_w is None:
+            bound = bound[:, 0]
+        else:
+            bound = (torch.where(site_w != 0, bound, torch.zeros_like(bound)) * site_w).sum(-1)
+    return direction, StepStats(bound.detach(), finite)
+
+
+def _needs_grad(params) -> dict:
+    """Make every parameter a graph node that requires grad (leaves if detached)."""
+    return {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def _local_rows(model, tasks):
+    """The minibatch's rows when the model has per-row parameters to gather, else None."""
+    if tasks.rows is None or not tuple(getattr(model, "local_keys", ())):
+        return None
+    return tasks.rows
+
+
+def _gather_local(model, optimizer, params, state, rows):
+    local = tuple(model.local_keys)
+    view = {k: gather_rows(v, rows) if k in local else v for k, v in params.items()}
+    view_state = map_param_state(optimizer, state, local, lambda t: gather_rows(t, rows))
+    return view, view_state
+
+
+def _scatter_local(model, optimizer, params, state, new_view, new_view_state, rows):
+    """Write the minibatch rows' updates back; rows outside it keep params and state."""
+    local = tuple(model.local_keys)
+    new = {k: scatter_rows(params[k], rows, v) if k in local else v for k, v in new_view.items()}
+    new_state = map_param_state(
+        optimizer, new_view_state, local, lambda tv, full: scatter_rows(full, rows, tv), state
+    )
+    return new, new_state
+
+
+def inner_step(
+    model,
+    divergence,
+    optimizer,
+    params,
+    state,
+    tasks,
+    *,
+    n_particles,
+    generator,
+    create_graph=False,
+    first_order_chain=False,
+    batch_size=None,
+):
+    """One functional inner VI step for all tasks; returns ``(params, state, stats)``.
+
+    With ``create_graph=False`` the returned parameters are detached.  With
+    ``first_order_chain=True`` the direction is computed at detached parameters
+    and added to the incoming graph, so that the Jacobian of the step in phi is
+    taken as the identity (first-order) while its direct dependence on eta is
+    kept.  With ``batch_size`` a minibatch of rows is drawn; the model's per-row
+    (local) parameters of those rows are updated, the others are untouched.
+    """
+    if batch_size is not None:
+        tasks = minibatch(tasks, batch_size, generator)
+    rows = _local_rows(model, tasks)
+    graph = create_graph and not first_order_chain
+    if graph:
+        params = _needs_grad(params)
+    full_params, full_state = params, state
+    if rows is not None:
+        params, state = _gather_local(model, optimizer, params, state, rows)
+    eps = model.sample_eps(params, tasks, n_particles, generator=generator)
+    if graph:
+        direction, stats = inner_direction(model, divergence, params, tasks, eps, create_graph=True)
+        new, new_state = optimizer.update(params, direction, state)
+        if rows is not None:
+            new, new_state = _scatter_local(
+                model, optimizer, full_params, full_state, new, new_state, rows
+            )
+        return new, new_state, stats
+    # The direction at detached parameters: a graph to eta only (create_graph) or none.
+    with torch.enable_grad():
+        leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        direction, stats = inner_direction(
+            model, divergence, leaf, tasks, eps, create_graph=create_graph
+        )
+    if not create_graph:
+        direction = _tree.detach(direction)
+    new, new_state = optimizer.update(_tree.detach(params), direction, _tree.detach(state))
+    if rows is not None:
+        new, new_state = _scatter_local(
+            model, optimizer, _tree.detach(full_params), _tree.detach(full_state),
+            new, new_state, rows,
+        )
+    if first_order_chain:
+        # phi_{b+1} = phi_b + (update at sg(phi_b)): identity Jacobian in phi.
+        new = {k: full_params[k] + (new[k] - full_params[k].detach()) for k in full_params}
+    return new, new_state, stats
+
+
+def inner_loop(
+    model,
+    divergence,
+    optimizer,
+    params,
+    state,
+    tasks,
+    *,
+    n_steps,
+    n_particles,
+    generator,
+    mode="full",
+    truncate=None,
+    differentiable=True,
+    batch_size=None,
+):
+    """B differentiable inner steps (Alg. 1 line 6 / Alg. 2 line 6).
+
+    Parameters
+    ----------
+    mode : {"full", "first_order", "truncated"}
+        ``"full"`` back-propagates through every step; ``"first_order"`` keeps
+        only each step's direct dependence on eta (inner Jacobians taken as
+        the identity, as first-order MAML; the optimiser's state, e.g. Adam's
+        moments, is carried detached from one step to the next, so eta's effect
+        through it is dropped too); ``"truncated"`` back-propagates fully
+        through the last ``truncate`` steps and treats earlier steps as
+        constants (identity Jacobian for the initialisation, no dependence on
+        eta), so that memory is bounded by ``truncate``.  (The implicit mode is
+        handled by :mod:`skmetavi._implicit`, which runs the loop undifferentiated.)
+    differentiable : bool
+        If False nothing is recorded (plain VI).
+    """
+    stats = []
+    for b in range(n_steps):
+        if not differentiable:
+            kw = {}
+        elif mode == "truncated" and b < n_steps - truncate:
+            # Outside the window: no graph at all (constant in eta), and an identity
+            # edge for phi_0 (Algorithm 2), so memory does not grow with B.
+            kw = dict(create_graph=False, first_order_chain=True)
+        else:
+            kw = dict(create_graph=True, first_order_chain=mode == "first_order")
+        params, state, st = inner_step(
+            model, divergence, optimizer, params, state, tasks,
+            n_particles=n_particles, generator=generator, batch_size=batch_size, **kw,
+        )
+        stats.append(st)
+    return params, state, stats
+
+
+def finite_params(params) -> torch.Tensor:
+    """Whether every parameter of each task is finite, shape (M,)."""
+    ok = None
+    for v in params.values():
+        f = _per_task(v.detach())
+        ok = f if ok is None else ok & f
+    return ok
+
+
+class VIRun:
+    """Plain (non-differentiable) VI for all tasks, one step per :meth:`step`, with rollback.
+
+    A task whose step produces a non-finite value keeps its previous
+    parameters and has its step size halved, with a ``RuntimeWarning``; after
+    ``max_failures`` consecutive failures a :class:`NonFiniteError` is raised.
+    :attr:`params` and :attr:`state` always hold the last completed step, so
+    that an interrupt (``KeyboardInterrupt``) loses nothing.
+
+    Parameters
+    ----------
+    model, divergence, optimizer
+        As for :func:`inner_step`.
+    params, state : dict
+        Starting parameters (M, ...) and optimiser state.
+    tasks : TaskBatch
+    n_particles : int
+    generator : torch.Generator or a noise object
+    batch_size : int, default=None
+    max_failures : int, default=10
+    budget : torch.Tensor of shape (M,), default=None
+        Steps per task: a task stops changing after its budget (tasks of
+        different sizes adapted together for a number of epochs each).
+    """
+
+    def __init__(self, model, divergence, optimizer, params, state, tasks, *, n_particles,
+                 generator, batch_size=None, max_failures=10, budget=None):
+        self.model, self.divergence, self.optimizer = model, divergence, optimizer
+        self.params, self.state, self.tasks = params, state, tasks
+        self.n_particles, self.generator = n_particles, generator
+        self.batch_size, self.max_failures = batch_size, max_failures
+        M = next(iter(params.values())).shape[0]
+        self.budget = None if budget is None else torch.as_tensor(budget).cpu()
+        self.failures = torch.zeros(M, dtype=torch.long)
+        self.n_iter = 0
+
+    def step(self) -> torch.Tensor:
+        """One inner step for all tasks; returns the bound per task (NaN where not applied)."""
+        params, state = self.params, self.state
+        new, new_state, st = inner_step(
+            self.model, self.divergence, self.optimizer, params, state, self.tasks,
+            n_particles=self.n_particles, generator=self.generator, batch_size=self.batch_size,
+        )
+        ok = (st.finite & finite_params(new)).cpu()
+        active = torch.ones_like(ok) if self.budget is None else self.n_iter < self.budget
+        failures = self.failures
+        bad = (active & ~ok).nonzero().flatten()
+        if bad.numel():
+            failures[bad] += 1
+            failures[ok] = 0
+            warnings.warn(
+                f"Non-finite values at inner iteration {self.n_iter} for task(s) "
+                f"{bad.tolist()[:10]}; the step was rolled back and its step size "
+                "halved.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            if int(failures.max()) >= self.max_failures:
+                raise NonFiniteError(
+                    f"{self.max_failures} consecutive non-finite inner steps (task(s) "
+                    f"{bad.tolist()[:10]}). Likely causes: a learning rate that is too "
+                    "large, an extreme divergence (alpha far from 1 or a learned "
+                    "f-divergence with huge weights), or a model whose log density is "
+                    "not finite everywhere. Try a smaller inner_lr."
+                )
+        else:
+            failures.zero_()
+        apply = ok & active
+        if not bool(apply.all()):
+            dev = apply.to(new[next(iter(new))].device)
+
+            def keep(t_new, t_old):
+                return torch.where(dev.reshape((-1,) + (1,) * (t_new.ndim - 1)), t_new, t_old)
+
+            new = _tree.tree_map(keep, new, params)
+            new_state = _tree.tree_map(keep, new_state, state)
+            failed = (active & ~ok).to(dev.device)
+            new_state["lr_scale"] = torch.where(
+                failed, new_state["lr_scale"] * 0.5, new_state["lr_scale"]
+            )
+        self.params, self.state = new, new_state
+        self.n_iter += 1
+        return torch.where(apply.to(st.bound.device), st.bound, torch.nan)
+
+
+def run_vi(
+    model,
+    divergence,
+    optimizer,
+    params,
+    state,
+    tasks,
+    *,
+    n_steps,
+    n_particles,
+    generator,
+    batch_size=None,
+    max_failures=10,
+    callback=None,
+):
+    """Plain (non-differentiable) VI for all tasks, with rollback on non-finite steps.
+
+    ``n_steps`` steps of :class:`VIRun`; ``callback(it, params, state, bound)``
+    after each.
+
+    Returns
+    -------
+    params, state, bound_curve : dict, dict, list of torch.Tensor (M,)
+    """
+    run = VIRun(model, divergence, optimizer, params, state, tasks, n_particles=n_particles,
+                generator=generator, batch_size=batch_size, max_failures=max_failures)
+    curve = []
+    for it in range(n_steps):
+        bound = run.step()
+        curve.append(bound)
+        if callback is not None:
+            callback(it, run.params, run.state, bound)
+    return run.params, run.state, curve

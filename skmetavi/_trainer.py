@@ -1,0 +1,348 @@
+"""The outer loop of Algorithms 1 (Meta-D) and 2 (Meta-D&phi) of Zhang et al. (2021)."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from skmetavi import _distributed, _tree
+from skmetavi._implicit import implicit_meta_gradient
+from skmetavi._inner import NonFiniteError, finite_params, inner_loop
+from skmetavi._strategies import LearnedInit, PersistentTaskParams
+from skmetavi._tasks import TaskNoise
+
+__all__ = ["MetaTrainer"]
+
+#: Consecutive outer iterations with an all-zero divergence meta-gradient before a warning.
+ZERO_GRADIENT_PATIENCE = 5
+
+
+def _is_zero(grads) -> bool:
+    """Whether every meta-gradient is (numerically) zero: below 1e-12 relative to its parameter."""
+    return all(
+        g is None or bool((g.abs() <= 1e-12 * (1.0 + p.detach().abs())).all()) for p, g in grads
+    )
+
+
+class MetaTrainer:
+    """Outer loop of Algorithm 1 (Meta-D) or Algorithm 2 (Meta-D&phi).
+
+    Algorithm 1 keeps one variational parameter set phi_i per training task
+    across outer iterations (:class:`~skmetavi._strategies.PersistentTaskParams`);
+    Algorithm 2 (``learn_init=True``) starts every sampled task from a shared,
+    meta-learned initialisation (:class:`~skmetavi._strategies.LearnedInit`).
+    Each outer iteration samples ``n_tasks_per_batch`` tasks, takes
+    ``n_inner_steps`` differentiable inner steps for all of them at once,
+    evaluates the meta-loss J on their query rows and updates eta (Adam, step
+    size ``meta_lr``, gamma) and for Algorithm 2 the initialisation (Adam,
+    ``init_lr``, tau).
+
+    Parameters
+    ----------
+    model : LatentModel
+    divergence : Divergence
+        Its parameters that require grad are eta.
+    inner_optimizer : SGD or Adam
+    meta_loss : callable
+        ``(model, params, tasks, generator) -> (M,)``.
+    support, query : TaskBatch
+        Rows of every training task for the inner loop and for the meta-loss.
+    init_params : dict of torch.Tensor of shape (n_tasks, ...)
+    learn_init : bool
+    mode : {"full", "first_order", "truncated", "implicit"}
+    implicit_steps, implicit_tol, implicit_damping
+        GMRES products, relative tolerance and relative damping of the implicit
+        mode (:mod:`skmetavi._implicit`).
+    fixed_noise : bool
+        The same noise at every draw (deterministic inner problems, for tests).
+    process_group : torch.distributed group, default=None
+        Shard the sampled tasks over the processes of an initialised group.
+    """
+
+    def __init__(
+        self,
+        model,
+        divergence,
+        inner_optimizer,
+        meta_loss,
+        support,
+        query,
+        *,
+        init_params,
+        learn_init,
+        n_inner_steps=1,
+        n_particles=100,
+        n_tasks_per_batch=16,
+        meta_lr=1e-2,
+        init_lr=1e-2,
+        mode="full",
+        truncate=None,
+        batch_size=None,
+        generator,
+        max_failures=10,
+        max_grad_norm=None,
+        task_chunk_size=None,
+        implicit_steps=100,
+        implicit_damping=1e-8,
+        implicit_tol=1e-5,
+        fixed_noise=False,
+        process_group=None,
+    ):
+        if mode == "implicit" and learn_init:
+            raise ValueError(
+                "meta_gradient='implicit' differentiates through a fixed point of the inner "
+                "loop, which does not depend on the initialisation: it cannot learn one "
+                "(meta_learn_init=True). Use 'full', 'truncated' or 'first_order'."
+            )
+        if mode == "implicit" and batch_size is not None:
+            raise ValueError(
+                "meta_gradient='implicit' differentiates through a fixed point of the inner "
+                "loop, which needs the same full-batch problem at every inner step; "
+                f"batch_size={batch_size} draws another minibatch each step. Use "
+                "batch_size=None, or meta_gradient='truncated' for bounded memory."
+            )
+        self.model, self.divergence = model, divergence
+        self.inner_optimizer, self.meta_loss = inner_optimizer, meta_loss
+        self.support, self.query = support, query
+        self.n_inner_steps, self.n_particles = n_inner_steps, n_particles
+        self.n_tasks_per_batch = n_tasks_per_batch
+        self.mode, self.truncate, self.batch_size = mode, truncate, batch_size
+        self.generator, self.max_failures = generator, max_failures
+        self.max_grad_norm = max_grad_norm
+        self.task_chunk_size = task_chunk_size
+        self.implicit_steps, self.implicit_tol = implicit_steps, implicit_tol
+        self.implicit_damping = implicit_damping
+        self.fixed_noise = fixed_noise
+        self.process_group = process_group
+        self.rank, self.world_size = _distributed.rank_and_world(process_group)
+        self.n_tasks = support.n_tasks
+        self.eta = [p for p in divergence.parameters() if p.requires_grad]
+        self.meta_optimizer = torch.optim.Adam(self.eta, lr=meta_lr) if self.eta else None
+        if learn_init:
+            self.strategy = LearnedInit(init_params, inner_optimizer, model, init_lr)
+        else:
+            self.strategy = PersistentTaskParams(init_params, inner_optimizer)
+        self.n_iter = 0
+        self.failures = 0
+        self.loss_curve = []
+        self.implicit_residuals = []
+        self._zero_grad_run = 0
+        self._warned = set()
+
+    # ----------------------------------------------------------- views
+    learn_init = property(lambda self: self.strategy.learn_init)
+    init_params = property(lambda self: self.strategy.init_params)
+    init_optimizer = property(lambda self: self.strategy.optimizer)
+    task_params = property(lambda self: self.strategy.task_params)
+    task_state = property(lambda self: self.strategy.task_state)
+
+    @property
+    def differentiable(self):
+        return self.meta_optimizer is not None or self.learn_init
+
+    def _optimizers(self):
+        return [o for o in (self.meta_optimizer, self.init_optimizer) if o is not None]
+
+    def _sample_tasks(self):
+        M = min(self.n_tasks_per_batch, self.n_tasks)
+        if M == self.n_tasks:
+            return torch.arange(self.n_tasks)
+        return torch.randperm(self.n_tasks, generator=self.generator)[:M]
+
+    # ------------------------------------------------------------ step
+    def step(self) -> float:
+        """One outer iteration; returns the mean meta-loss J (NaN if rolled back)."""
+        # Alg. 1/2, line 3: sample a batch of M tasks.
+        idx = self._sample_tasks()
+        M = idx.numel()
+        # One seed per outer iteration: every task's noise is the same however the batch
+        # is chunked or sharded across processes.
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        rows = _distributed.shard(M, self.rank, self.world_size)
+        chunk = self.task_chunk_size or max(1, rows.numel())
+        device = self.support.X.device
+        J_total, ok, pending = 0.0, True, []
+        for part in rows.split(chunk):
+            ids = idx[part].to(device)
+            J_sum, new_params, new_state, part_ok = self._tasks_step(ids, seed, M, part.to(device))
+            J_total += J_sum
+            ok = ok and part_ok
+            pending.append((part, new_params, new_state))
+        if self.world_size > 1:
+            J_total, ok = _distributed.all_reduce_scalars(
+                J_total, ok, device=device, process_group=self.process_group
+            )
+        if ok and self.differentiable:
+            if self.world_size > 1:
+                _distributed.all_reduce_grads(self._meta_parameters(), self.process_group)
+            ok = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                     for p in self._meta_parameters())
+        if not ok:
+            for opt in self._optimizers():
+                opt.zero_grad(set_to_none=True)
+            self._on_failure(idx)
+            self.n_iter += 1
+            self.loss_curve.append(math.nan)
+            return math.nan
+        self.failures = 0
+        self._check_meta_gradient()
+        # Line 8: eta <- eta - gamma grad J (and, Alg. 2, phi <- phi - tau grad J).
+        for opt in self._optimizers():
+            if self.max_grad_norm is not None:
+                # Clip eta's and phi_0's meta-gradients separately (MAML practice):
+                # one exploding inner unroll must not throw the outer loop off.
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
+                )
+            opt.step()
+        # Alg. 1: phi_i <- phi_i' (stored detached, persists across iterations).
+        self.strategy.store(idx, M, pending, world_size=self.world_size,
+                            process_group=self.process_group)
+        self.n_iter += 1
+        value = J_total / M
+        self.loss_curve.append(value)
+        return value
+
+    def _meta_parameters(self):
+        return [p for opt in self._optimizers() for grp in opt.param_groups for p in grp["params"]]
+
+    def _tasks_step(self, task_ids, seed, M, part):
+        """Lines 4-7 for one chunk of the sampled tasks; accumulates the meta-gradients.
+
+        Returns ``(sum of J over the chunk, new params, new state, ok)``.
+        """
+        support, query = self.support.index(task_ids), self.query.index(task_ids)
+        implicit = self.mode == "implicit"
+        noise = TaskNoise(seed, M, part, fixed=self.fixed_noise or implicit)
+        # Lines 4-5: phi_i (stored per task, or the shared initialisation).
+        params, state = self.strategy.start(
+            task_ids, support, differentiable=self.differentiable, generator=noise
+        )
+        if implicit:
+            loss_noise = TaskNoise(seed ^ 0x5DEECE66D, M, part, fixed=self.fixed_noise)
+            J_sum, params, state, ok, residual = implicit_meta_gradient(
+                self.model, self.divergence, self.inner_optimizer, self.meta_loss,
+                params, state, support, query, n_steps=self.n_inner_steps,
+                n_particles=self.n_particles, inner_noise=noise, loss_noise=loss_noise, M=M,
+                max_iter=self.implicit_steps, tol=self.implicit_tol, damping=self.implicit_damping,
+            )
+            if residual is not None:
+                self._check_residual(residual)
+            return J_sum, _tree.detach(params), _tree.detach(state), ok
+        # Line 6: B inner steps phi_i <- phi_i + beta * direction, differentiable in eta.
+        params, state, stats = inner_loop(
+            self.model, self.divergence, self.inner_optimizer, params, state, support,
+            n_steps=self.n_inner_steps, n_particles=self.n_particles, generator=noise,
+            mode=self.mode, truncate=self.truncate, differentiable=self.differentiable,
+            batch_size=self.batch_size,
+        )
+        # Line 7: the meta-loss on the query rows.
+        J = self.meta_loss(self.model, params, query, generator=noise)  # (m,)
+        inner_ok = torch.stack([st.finite for st in stats]).all(0) & finite_params(params)
+        J_sum = J.sum()
+        ok = bool(torch.isfinite(J_sum)) and bool(inner_ok.all())
+        if ok and self.differentiable:
+            # mean over the M tasks of the whole outer batch, accumulated chunk by chunk
+            (J_sum / M).backward()
+        return float(J_sum.detach()), _tree.detach(params), _tree.detach(state), ok
+
+    # ------------------------------------------------------ diagnostics
+    def _warn_once(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _check_meta_gradient(self):
+        """Warn when the divergence's meta-gradient stays zero: nothing would be learned."""
+        if not self.eta:
+            return
+        if _is_zero([(p, p.grad) for p in self.eta]):
+            self._zero_grad_run += 1
+        else:
+            self._zero_grad_run = 0
+        if self._zero_grad_run >= ZERO_GRADIENT_PATIENCE:
+            self._warn_once(
+                "zero_gradient",
+                f"The meta-gradient of the divergence's parameters has been zero for "
+                f"{self._zero_grad_run} outer iterations (up to iteration {self.n_iter}): "
+                "the divergence is not being learned. Likely causes: an inner optimiser that "
+                f"hides it from the meta-gradient ({self.inner_optimizer!r}; exact Adam's first "
+                "step from a fresh state is lr * sign(direction), as in every step of "
+                "Algorithm 2 with one inner step), or particle weights collapsed onto one "
+                "particle (alpha far from 1, few particles, many latent dimensions). Use "
+                "inner_optimizer='sgd' or 'adam' (a constant preconditioner for "
+                "meta-gradients), more n_particles, or more n_inner_steps.",
+            )
+
+    def _check_residual(self, residual):
+        worst = float(residual.max())
+        self.implicit_residuals.append(worst)
+        if not worst <= 10 * self.implicit_tol:
+            self._warn_once(
+                "implicit_residual",
+                f"The implicit meta-gradient's linear solve stopped at a relative residual of "
+                f"{worst:.3g} (implicit_tol={self.implicit_tol:g}) after implicit_max_iter="
+                f"{self.implicit_steps} GMRES steps (first seen at outer iteration "
+                f"{self.n_iter}): the meta-gradient may be inaccurate. Increase "
+                "implicit_max_iter, raise implicit_damping (biases the solution towards a "
+                "shorter horizon), use float64, or use meta_gradient='truncated'.",
+            )
+
+    def _on_failure(self, task_ids):
+        self.failures += 1
+        what = "the outer step sizes"
+        inner = self.strategy.on_failure(task_ids)
+        if inner:
+            what += f" and {inner}"
+        warnings.warn(
+            f"Non-finite meta-loss or meta-gradient at outer iteration {self.n_iter}; "
+            f"the iteration was skipped and {what} halved.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        for opt in self._optimizers():
+            for g in opt.param_groups:
+                g["lr"] *= 0.5
+        if self.failures >= self.max_failures:
+            raise NonFiniteError(
+                f"{self.max_failures} consecutive non-finite outer iterations. Likely "
+                "causes: meta_lr or inner_lr too large, or a divergence whose weights "
+                "overflow (extreme alpha). Try smaller step sizes."
+            )
+
+    # ------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly where it stopped.
+
+        Independent CPU copies (torch optimizers hand out live references to their
+        state), so the result can be pickled, checkpointed and kept while training
+        goes on.
+        """
+        return {
+            "divergence": _tree.to_cpu(self.divergence.state_dict()),
+            "meta_optimizer": None if self.meta_optimizer is None
+            else _tree.to_cpu(self.meta_optimizer.state_dict()),
+            **self.strategy.state_dict(),
+            "generator": self.generator.get_state(),
+            "n_iter": self.n_iter,
+            "failures": self.failures,
+            "loss_curve": list(self.loss_curve),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (shapes must match this trainer)."""
+        self.divergence.load_state_dict(state["divergence"])
+        if self.meta_optimizer is not None and state["meta_optimizer"] is not None:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.strategy.load_state_dict(state)
+        self.generator.set_state(state["generator"])
+        self.n_iter = state["n_iter"]
+        self.failures = state["failures"]
+        self.loss_curve = list(state["loss_curve"])
