@@ -82,32 +82,18 @@ class Adam:
         Step size.
     betas : tuple of float, default=(0.9, 0.999)
     eps : float, default=1e-8
-    frozen_preconditioner : bool, default=False
-        Treat Adam's normalisation ``1 / sqrt(v_hat + eps^2)`` as a constant in
-        meta-gradients (the second moment ``v`` is accumulated from detached
-        squared directions).  The parameter values of every step are exactly
-        those of Adam; only derivatives through ``v`` are dropped.  Exact Adam
-        (False) starts from ``v = 0``, so that its first step is ``lr *
-        sign(direction)`` whose derivative is ~0: from a fresh state (every step
-        of Algorithm 2, the first visit of a task in Algorithm 1) the divergence
-        receives no meta-gradient through it.  With a frozen preconditioner the
-        first step is a preconditioned gradient step, linear in the direction.
     """
 
     name = "adam"
     param_state_keys = ("m", "v")
 
-    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, *,
-                 frozen_preconditioner: bool = False, relative_eps: float = 0.0):
+    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.lr = lr
         self.betas = betas
         self.eps = eps
-        self.frozen_preconditioner = frozen_preconditioner
-        self.relative_eps = relative_eps
 
     def __repr__(self):
-        return (f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}, "
-                f"frozen_preconditioner={self.frozen_preconditioner!r})")
+        return f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r})"
 
     def init(self, params: dict) -> dict:
         ref = next(iter(params.values()))
@@ -126,40 +112,24 @@ class Adam:
         new_params, m_new, v_new = {}, {}, {}
         for k, p in params.items():
             g = direction[k]
-            g2 = g * g
-            if self.frozen_preconditioner:
-                g2 = g2.detach()
             m = b1 * state["m"][k] + (1 - b1) * g
-            v = b2 * state["v"][k] + (1 - b2) * g2
+            v = b2 * state["v"][k] + (1 - b2) * g * g
             m_hat = m / _bcast(c1, m)
             v_hat = v / _bcast(c2, v)
             lr = self.lr * _bcast(state["lr_scale"], p)
-            floor = self.eps**2
-            if self.relative_eps:
-                floor = torch.clamp(
-                    self.relative_eps**2 * v_hat.detach().reshape(v.shape[0], -1).mean(-1), min=floor
-                )
-                floor = _bcast(floor, v_hat)
-            new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + floor)
+            new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
             m_new[k], v_new[k] = m, v
         return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new}
 
 
-INNER_OPTIMIZERS = ("sgd", "adam", "adam_exact")
+INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 def make_optimizer(name: str, lr: float):
-    """Build an inner optimiser from its name.
-
-    ``"adam"`` is Adam whose preconditioner is a constant for meta-gradients
-    (:class:`Adam` with ``frozen_preconditioner=True``); ``"adam_exact"``
-    differentiates through it too.
-    """
+    """Build an inner optimiser from its name."""
     if name == "sgd":
         return SGD(lr)
     if name == "adam":
-        return Adam(lr)
-    if name == "adam_exact":
         return Adam(lr)
     raise ValueError(f"Unknown inner optimizer {name!r}; valid names are {list(INNER_OPTIMIZERS)}.")
 

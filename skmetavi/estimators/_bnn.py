@@ -56,14 +56,8 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Standard deviation of the Gaussian prior on each weight.
     n_particles : int, default=10
         Weight samples K per inner step.
-    inner_optimizer : {"adam", "sgd", "adam_exact"}, default="adam"
+    inner_optimizer : {"adam", "sgd"}, default="adam"
         Inner-loop optimiser of both :meth:`fit` and :meth:`meta_fit`.
-        ``"adam"`` takes Adam's steps but treats its normalisation
-        ``1/sqrt(v)`` as a constant preconditioner in meta-gradients;
-        ``"adam_exact"`` differentiates through it too, which gives the
-        divergence no meta-gradient from a fresh state (Adam's first step is
-        ``lr * sign(direction)``: every step of Algorithm 2 with one inner
-        step).
     inner_lr : float, default=0.01
         Inner step size (beta).
     max_iter : int, default=200

@@ -56,15 +56,10 @@ class MetaDivergenceVI(_BaseMetaVI):
         initial (learnable) divergence of :meth:`meta_fit`.
     n_particles : int, default=100
         Monte Carlo particles K per inner step.
-    inner_optimizer : {"adam", "sgd", "adam_exact"}, default="adam"
+    inner_optimizer : {"adam", "sgd"}, default="adam"
         Inner-loop optimiser, used by both :meth:`fit` and :meth:`meta_fit`.
         The paper's algorithms use SGD; Adam is robust to the scale of the
-        target.  ``"adam"`` takes Adam's steps but treats its normalisation
-        ``1/sqrt(v)`` as a constant preconditioner in meta-gradients;
-        ``"adam_exact"`` differentiates through it too, which gives the
-        divergence no meta-gradient from a fresh state (Adam's first step is
-        ``lr * sign(direction)``: every step of Algorithm 2 with one inner
-        step).
+        target.
     inner_lr : float, default=0.05
         Inner step size (beta in Algorithms 1 and 2).
     max_iter : int, default=500

@@ -4,6 +4,7 @@
 # SPDX-License-Identifier: BSD-3-Clause
 
 from skmetavi.models._bnn import BNNRegression
+from skmetavi.models._linear_gaussian import LinearGaussianLatent
 from skmetavi.models._protocol import GlobalLatent, LatentModel
 from skmetavi.models._families import (
     FAMILY_NAMES,
@@ -32,6 +33,7 @@ __all__ = [
     "GaussianMixture1D",
     "GlobalLatent",
     "LatentModel",
+    "LinearGaussianLatent",
     "MeanFieldGaussian",
     "Target",
     "make_family",
