@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def save(path, state: dict, fingerprint: str) -> None:

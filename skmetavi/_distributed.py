@@ -15,7 +15,14 @@ import torch
 
 from skmetavi._tree import tree_leaves, tree_map
 
-__all__ = ["rank_and_world", "shard", "all_reduce_scalars", "all_reduce_grads", "all_gather_rows"]
+__all__ = [
+    "rank_and_world",
+    "shard",
+    "all_reduce_scalars",
+    "all_reduce_grads",
+    "all_reduce_tree",
+    "all_gather_rows",
+]
 
 
 def rank_and_world(process_group=None):
@@ -53,6 +60,15 @@ def all_reduce_grads(parameters, process_group=None) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=process_group)
+
+
+def all_reduce_tree(tree, process_group=None):
+    """Sum every tensor of ``tree`` over processes, in place; return ``tree``."""
+    import torch.distributed as dist
+
+    for t in tree_leaves(tree):
+        dist.all_reduce(t, group=process_group)
+    return tree
 
 
 def all_gather_rows(template, M: int, pending, process_group=None):

@@ -58,9 +58,13 @@ class SGD:
     def __repr__(self):
         return f"SGD(lr={self.lr!r})"
 
-    def init(self, params: dict) -> dict:
+    def init(self, params: dict, warm=None) -> dict:
         ref = next(iter(params.values()))
         return {"lr_scale": ref.new_ones(ref.shape[0]).detach()}
+
+    def warm_statistics(self, state, start=None):
+        """SGD has no state to warm-start from."""
+        return {}
 
     def update(self, params: dict, direction: dict, state: dict):
         scale = state["lr_scale"]
@@ -75,6 +79,14 @@ class Adam:
 
     ``sqrt(v_hat + eps^2)`` replaces ``sqrt(v_hat) + eps`` so that the second
     derivative stays finite where a gradient coordinate is exactly zero.
+
+    From a fresh state the first step is ``lr * g / sqrt(g^2 + eps^2) ~ lr *
+    sign(g)``: it does not depend on the size of the direction, so that
+    whatever shapes that size (the divergence's parameters) gets no
+    meta-gradient through it.  :meth:`init` can therefore start from a *warm*
+    second moment (typical squared directions, e.g. at a learned initialisation,
+    :meth:`warm_statistics`), with which the first steps are linear in the
+    direction, ``~ lr * g / sqrt(v_0)``.
 
     Parameters
     ----------
@@ -95,32 +107,92 @@ class Adam:
     def __repr__(self):
         return f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r})"
 
-    def init(self, params: dict) -> dict:
+    def init(self, params: dict, warm=None) -> dict:
+        """A fresh state for ``params``; ``warm``: a second moment to start from.
+
+        ``warm`` maps parameter names to (1, ...) or (M, ...) tensors of typical
+        squared directions; it is used as an established (bias-free) second
+        moment.  Parameters it does not name start cold.
+        """
         ref = next(iter(params.values()))
+        M = ref.shape[0]
+        warm = warm or {}
+        v = {k: (warm[k].to(p.dtype).expand_as(p).clone() if k in warm else torch.zeros_like(p))
+             .detach() for k, p in params.items()}
         return {
-            "lr_scale": ref.new_ones(ref.shape[0]).detach(),
-            "step": ref.new_zeros(ref.shape[0]).detach(),
-            "m": {k: torch.zeros_like(v).detach() for k, v in params.items()},
-            "v": {k: torch.zeros_like(v).detach() for k, v in params.items()},
+            "lr_scale": ref.new_ones(M).detach(),
+            "step": ref.new_zeros(M).detach(),
+            "m": {k: torch.zeros_like(p).detach() for k, p in params.items()},
+            "v": v,
+            # Squared directions accumulated in v, for its bias correction (a warm v
+            # counts as established: no correction).
+            "v_count": {k: torch.full((M,), _WARM_COUNT if k in warm else 0.0, dtype=ref.dtype,
+                                      device=ref.device) for k in params},
         }
+
+    def warm_statistics(self, state, start=None):
+        """Mean squared directions since :meth:`init`, per parameter, summed over tasks.
+
+        Parameters
+        ----------
+        state : dict
+            A state after some updates.
+        start : dict, default=None
+            The ``warm`` second moment the state was initialised with.
+
+        Returns
+        -------
+        sums : dict of str to torch.Tensor of shape (1, ...)
+            ``sum over tasks of (v - beta2^n v_0) / (1 - beta2^n)`` with ``n`` the
+            task's updates: the bias-corrected average of the squared directions
+            of those ``n`` steps alone.  Divide by the number of tasks for a mean.
+        """
+        b2 = self.betas[1]
+        start = start or {}
+        n = state["step"]  # (M,)
+        done = n > 0
+        out = {}
+        for k, v in state["v"].items():
+            v = v.detach()
+            if k in start:
+                v = v - _bcast(b2**n, v) * start[k].to(v.dtype)
+            c = 1 - b2**n
+            new = v / _bcast(torch.where(done, c, torch.ones_like(c)), v)
+            out[k] = torch.where(_bcast(done, new), new, torch.zeros_like(new)).sum(0, keepdim=True)
+        return out
 
     def update(self, params: dict, direction: dict, state: dict):
         b1, b2 = self.betas
         step = state["step"] + 1
         c1 = 1 - b1**step  # (M,)
-        c2 = 1 - b2**step
-        new_params, m_new, v_new = {}, {}, {}
+        new_params, m_new, v_new, count_new = {}, {}, {}, {}
         for k, p in params.items():
             g = direction[k]
+            count = state["v_count"][k] + 1
+            c2 = 1 - b2**count
+            v_old = state["v"][k]
+            first_warm = (state["v_count"][k] >= _WARM_COUNT) & (state["step"] == 0)  # (M,)
+            if bool(first_warm.any()):
+                # A warm second moment comes from tasks of another size: a task whose
+                # directions are larger (more data) scales it up to its own, so that no
+                # step exceeds Adam's; smaller directions keep it (smaller steps).
+                ratio = ((g * g).detach().reshape(g.shape[0], -1).mean(-1)
+                         / v_old.reshape(g.shape[0], -1).mean(-1).clamp_min(self.eps**2))
+                factor = torch.where(first_warm, ratio.clamp_min(1.0), torch.ones_like(ratio))
+                v_old = v_old * _bcast(factor, v_old)
             m = b1 * state["m"][k] + (1 - b1) * g
-            v = b2 * state["v"][k] + (1 - b2) * g * g
+            v = b2 * v_old + (1 - b2) * g * g
             m_hat = m / _bcast(c1, m)
             v_hat = v / _bcast(c2, v)
             lr = self.lr * _bcast(state["lr_scale"], p)
             new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
-            m_new[k], v_new[k] = m, v
-        return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new}
+            m_new[k], v_new[k], count_new[k] = m, v, count
+        return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new,
+                            "v": v_new, "v_count": count_new}
 
+
+#: ``v_count`` of a warm second moment: ``1 - beta2**count`` is 1 in floating point.
+_WARM_COUNT = 1e6
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 

@@ -139,6 +139,21 @@ def _adapt_and_score(estimator, X_s, y_s, X_q, y_q, metrics):
     return {m: _SCORE_FUNCS[m](est, X_q, y_q) for m in metrics}
 
 
+def _adapt_tasks(estimator, parts, metrics, n_jobs):
+    """Adapt ``estimator`` to every task's support rows and score its query rows.
+
+    skmetavi estimators adapt all tasks in one batched pass (each task exactly as
+    ``deepcopy(estimator).fit(X_s, y_s)`` would); other regressors are fitted per
+    task with joblib.
+    """
+    if hasattr(estimator, "_adapted_copies"):
+        fitted = estimator._adapted_copies([(X_s, y_s) for X_s, y_s, _, _ in parts])
+        return [{m: _SCORE_FUNCS[m](est, X_q, y_q) for m in metrics}
+                for est, (_, _, X_q, y_q) in zip(fitted, parts)]
+    jobs = [delayed(_adapt_and_score)(estimator, *part, metrics) for part in parts]
+    return Parallel(n_jobs=n_jobs)(jobs)
+
+
 class TaskAdaptiveRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
     """Meta-train on tasks, then adapt to each new task's support rows and score its query rows.
 
@@ -174,7 +189,8 @@ class TaskAdaptiveRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
         Metric of :meth:`score` (higher is better).  For several metrics in
         ``cross_validate`` use :func:`skmetavi.metrics.get_scorer`.
     n_jobs : int, default=None
-        Held-out tasks adapted in parallel with joblib.
+        Held-out tasks adapted in parallel with joblib, for estimators other
+        than skmetavi's (these adapt all held-out tasks in one batched pass).
     random_state : int, RandomState instance or None, default=None
         Seed of the support/query split of :meth:`score`; None draws fresh OS
         entropy at each call.
@@ -371,14 +387,11 @@ class TaskAdaptiveRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
         check_groups(groups, X.shape[0], min_tasks=1)
         groups = column_or_1d(groups)
         support = _support_masks(groups, self.support_size, self.random_state)
-        labels = np.unique(groups)
-        jobs = []
-        for label in labels:
+        parts = []
+        for label in np.unique(groups):
             s, q = support & (groups == label), ~support & (groups == label)
-            jobs.append(
-                delayed(_adapt_and_score)(self.estimator_, X[s], y[s], X[q], y[q], [metric])
-            )
-        out = Parallel(n_jobs=self.n_jobs)(jobs)
+            parts.append((X[s], y[s], X[q], y[q]))
+        out = _adapt_tasks(self.estimator_, parts, [metric], self.n_jobs)
         return np.array([o[metric] for o in out])
 
     def score(self, X, y, groups=None):

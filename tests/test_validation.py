@@ -17,7 +17,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import Ridge
 
-from skmetavi import MetaBNNRegressor, MetaDivergenceVI, metrics
+from skmetavi import MetaBNNRegressor, MetaDivergenceVI, _checkpoint, metrics
 from skmetavi.datasets import make_mog_tasks, make_sinusoid_tasks
 from skmetavi.divergences import (
     KL,
@@ -242,7 +242,8 @@ CASES = [
     ("ckpt-foreign-file",
      lambda ns: mixture_vi(random_state=0).meta_fit(
          ns.X_mog, groups=ns.g_mog, checkpoint=ns.tmp / "foreign.ckpt"),
-     ValueError, r"is not a skmetavi checkpoint of format 1 \(found format None\)\. Delete it"),
+     ValueError, rf"is not a skmetavi checkpoint of format {_checkpoint.FORMAT_VERSION} "
+                 r"\(found format None\)\. Delete it"),
     # ------------------------------------------- MetaDivergenceVI: fitted / state
     ("vi-score-wrong-n-features", lambda ns: ns.vi.score(np.ones((3, 3))), ValueError,
      r"X has 3 features, but MetaDivergenceVI is expecting 2 features.*Pass the columns"),

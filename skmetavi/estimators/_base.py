@@ -310,8 +310,11 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         divergence = self._adaptation_divergence()
         params = self._start_params(model, tasks, gens, warm)
         budget = self._n_steps(tasks) if n_steps is None else torch.full((len(data),), n_steps)
+        # From the learned initialisation, the inner optimiser starts as it did in
+        # meta-training (Algorithm 2: Adam from the preconditioner learned with the init).
+        pre = getattr(self, "meta_preconditioner_", None) if not warm else None
         params, curves, interrupted = self._adapt(model, divergence, params, tasks, generator,
-                                                  budget)
+                                                  budget, warm=pre)
         states = []
         for m, rng in enumerate(rngs):
             states.append({
@@ -327,6 +330,40 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 "_sample_seed": _torch.seed_from_random_state(rng),
             })
         return states, interrupted
+
+    def _adapted_copies(self, data):
+        """Copies of this estimator fitted to each task of ``data``, in one batched pass.
+
+        Task ``m``'s copy is what ``copy.deepcopy(self).fit(*data[m])`` gives (the
+        same random numbers: each task's generator is seeded from its own copy of
+        ``random_state``), but all tasks share one run of the engine.  The copies
+        share this estimator's meta-learned state (read only).
+
+        Parameters
+        ----------
+        data : list of (X, y)
+            Each task's rows.
+
+        Returns
+        -------
+        estimators : list of estimator
+            Fitted copies, one per task.
+        """
+        self._validate_params()
+        self._setup_torch()
+        copies, validated = [], []
+        for X, y in data:
+            est = copy.copy(self)
+            est.warm_start = False
+            validated.append(est._validate_task_data(X, y, reset=True))
+            copies.append(est)
+        rngs = [_check_random_state(copy.deepcopy(self.random_state)) for _ in data]
+        states, interrupted = self._fit_tasks(validated, rngs)
+        if interrupted:
+            raise KeyboardInterrupt
+        for est, state in zip(copies, states):
+            est._set_fitted(state)
+        return copies
 
     def _start_params(self, model, tasks, generators, warm):
         """Starting q of every task: the previous fit, the learned init, or fresh draws."""
@@ -350,10 +387,16 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                  for m, g in enumerate(generators)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _adapt(self, model, divergence, params, tasks, generator, budget):
-        """Plain VI for all tasks at once (the shared loop); returns params, curves, interrupted."""
+    def _adapt(self, model, divergence, params, tasks, generator, budget, warm=None):
+        """Plain VI for all tasks at once (the shared loop); returns params, curves, interrupted.
+
+        ``warm``: the inner optimiser's starting statistics (Adam's second moment at
+        a learned initialisation).
+        """
         optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
-        run = VIRun(model, divergence, optimizer, params, optimizer.init(params), tasks,
+        state = optimizer.init(params, warm=None if warm is None else
+                               _tree.to_device(warm, self._device, self._dtype))
+        run = VIRun(model, divergence, optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
                     batch_size=self.batch_size, budget=budget)
         bounds = []

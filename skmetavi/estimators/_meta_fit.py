@@ -229,8 +229,12 @@ class MetaFitMixin:
         self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
         if trainer.learn_init:
             self.meta_init_ = _tree.to_device(trainer.init_params, "cpu")
-        elif hasattr(self, "meta_init_"):
-            del self.meta_init_
+            pre = trainer.strategy.preconditioner
+            self.meta_preconditioner_ = None if pre is None else _tree.to_device(pre, "cpu")
+        else:
+            for name in ("meta_init_", "meta_preconditioner_"):
+                if hasattr(self, name):
+                    delattr(self, name)
         self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
         self.n_meta_iter_ = trainer.n_iter
         self.meta_tasks_ = labels

@@ -107,7 +107,7 @@ class LinearGaussianLatent(LatentModel):
 
     @property
     def variational_keys(self):
-        """q's parameters: the encoder's, or every row's own."""
+        """The parameters of q: the encoder's, or every row's own."""
         if self.inference == "amortized":
             return ("enc_weight", "enc_bias", "enc_scale_raw")
         return ("z_loc", "z_scale_raw")

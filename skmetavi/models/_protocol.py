@@ -290,7 +290,7 @@ class GlobalLatent(LatentModel):
 
     @property
     def variational_keys(self):
-        """The family's parameter names: q's parameters."""
+        """The family's parameter names: the parameters of q."""
         return tuple(self.family.param_names)
 
     @property
