@@ -331,7 +331,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             })
         return states, interrupted
 
-    def _adapted_copies(self, data):
+    def _adapted_copies(self, data, random_states=None):
         """Copies of this estimator fitted to each task of ``data``, in one batched pass.
 
         Task ``m``'s copy is what ``copy.deepcopy(self).fit(*data[m])`` gives (the
@@ -343,6 +343,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         ----------
         data : list of (X, y)
             Each task's rows.
+        random_states : list, default=None
+            One ``random_state`` per task instead (the copies' ``random_state``).
 
         Returns
         -------
@@ -351,13 +353,16 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         """
         self._validate_params()
         self._setup_torch()
+        if random_states is None:
+            random_states = [self.random_state] * len(data)
         copies, validated = [], []
-        for X, y in data:
+        for (X, y), random_state in zip(data, random_states):
             est = copy.copy(self)
             est.warm_start = False
+            est.random_state = random_state
             validated.append(est._validate_task_data(X, y, reset=True))
             copies.append(est)
-        rngs = [_check_random_state(copy.deepcopy(self.random_state)) for _ in data]
+        rngs = [_check_random_state(copy.deepcopy(rs)) for rs in random_states]
         states, interrupted = self._fit_tasks(validated, rngs)
         if interrupted:
             raise KeyboardInterrupt

@@ -404,6 +404,44 @@ class MetaDivergenceVI(_BaseMetaVI):
         with torch.no_grad():
             return _torch.to_numpy(family.rsample(self._q_params(), eps)[0])
 
+    def meta_loss_value(self, X, y=None, meta_loss=None):
+        """Evaluate a meta-loss J of the fitted q on one task (lower is better).
+
+        The paper's evaluation of meta-learned divergences: after :meth:`fit`
+        adapts q to a task, how far q is from that task's target in the
+        meta-loss's sense.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The task's rows (for ``"nll"``: held-out rows).
+        y : array-like of shape (n_samples,), default=None
+            Targets, for models that need them.
+        meta_loss : {"auto", "d_half", "tv", "nll"} or callable, default=None
+            The meta-loss (see the class parameter); the estimator's
+            ``meta_loss`` if None.
+
+        Returns
+        -------
+        value : float
+            ``D_0.5(q || p)``, the total variation, the held-out negative log
+            predictive density per row, or the callable's value.
+        """
+        check_is_fitted(self)
+        if meta_loss is not None and not callable(meta_loss) and meta_loss not in META_LOSS_NAMES:
+            raise ValueError(
+                f"meta_loss must be one of {list(META_LOSS_NAMES)} or a callable, got "
+                f"{meta_loss!r}."
+            )
+        X, y = self._validate_task_data(X, y, reset=False)
+        self._setup_torch()
+        model = self._model(self.n_features_in_)
+        tasks = self._pad([X], None if y is None else [y])
+        loss = self._make_meta_loss(model, tasks, meta_loss)
+        gen = _torch.make_generator(self._predict_seed, self._device)
+        with torch.no_grad():
+            return float(loss(model, self._q_params(), tasks, generator=gen)[0])
+
     def score(self, X, y=None):
         """Mean log predictive density per row, or the ELBO for likelihood-free targets.
 

@@ -55,9 +55,9 @@ class MetaFitMixin:
             support.append(np.sort(perm[n_query:]))
         return support, query
 
-    def _make_meta_loss(self, model, tasks):
-        """Resolve ``meta_loss`` into a torch callable ``(model, params, tasks) -> (M,)``."""
-        meta_loss = self.meta_loss
+    def _make_meta_loss(self, model, tasks, meta_loss=None):
+        """Resolve ``meta_loss`` (default: the parameter) into ``(model, params, tasks) -> (M,)``."""
+        meta_loss = self.meta_loss if meta_loss is None else meta_loss
         if callable(meta_loss):
             return CallableMetaLoss(meta_loss)
         if meta_loss == "auto":

@@ -10,22 +10,16 @@ noise up to A/2 implies standardised targets).
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
-import math
+import copy
 import time
 
 import numpy as np
-import torch
 
-from skmetavi import _torch
-from skmetavi._bilevel import Problem, run_vi
-from skmetavi._optim import make_optimizer
-from skmetavi._tasks import pad_tasks
 from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.divergences import KL, NeuralF, Renyi
 from skmetavi.estimators import MetaBNNRegressor
 from skmetavi.experiments._mog import _parallel
 from skmetavi.experiments._report import Row
-from skmetavi.models import BNNRegression, MeanFieldGaussian
 
 BUDGETS = {
     "quick": dict(
@@ -61,53 +55,30 @@ def _test_tasks(budget, seed, n_train_points):
             Xs[:, n_train_points:], ys[:, n_train_points:])
 
 
-def adapt_and_evaluate(divergence, Xa, ya, Xb, yb, *, epochs, batch_size, seed, init=None):
+def adapt_and_evaluate(source, Xa, ya, Xb, yb, *, epochs, batch_size, seed):
     """Fit q on every test task's adaptation rows at once; return per-task LL, RMSE, bands.
 
-    Targets are standardised per task with the adaptation rows' mean and std.
+    ``source`` is a divergence (fresh q's) or a meta-trained
+    :class:`~skmetavi.MetaBNNRegressor` (its divergence and learned init).  All
+    tasks are adapted in one batched pass of the estimator; task ``m`` uses the
+    seed ``seed * 1000 + m`` for every method (common random numbers).  Targets
+    are standardised per task with the adaptation rows' mean and std (the
+    estimator's ``normalize_y``), and so are the metrics.
     """
-    dtype = torch.float32
-    mu, sd = ya.mean(1, keepdims=True), ya.std(1, keepdims=True)
-    target = BNNRegression(**MODEL)
-    n_weights = target.n_latent(1)
-    problem = Problem(MeanFieldGaussian(n_weights), target)
-    M = Xa.shape[0]
-    tasks = pad_tasks(
-        [torch.as_tensor(x, dtype=dtype) for x in Xa],
-        [torch.as_tensor(v, dtype=dtype) for v in (ya - mu) / sd],
-    )
-    gen = _torch.make_generator(seed)
-    if init is None:
-        params = problem.family.init_params(M, scale=TRAIN["init_scale"], dtype=dtype, device="cpu")
-        params["loc"] = target.init_loc(M, 1, generator=gen, dtype=dtype, device="cpu")
-        params.update(target.init_params(M, dtype=dtype, device="cpu"))
+    settings = dict(max_iter=epochs, batch_size=batch_size, n_predict_samples=N_PREDICT)
+    if isinstance(source, MetaBNNRegressor):
+        est = copy.deepcopy(source).set_params(**settings)
     else:
-        params = {k: v.to(dtype).expand((M,) + v.shape[1:]).clone() for k, v in init.items()}
-    opt = make_optimizer(TRAIN["inner_optimizer"], TRAIN["inner_lr"])
-    divergence = divergence.to(dtype).requires_grad_(False)
-    n = Xa.shape[1]
-    steps = epochs * max(1, math.ceil(n / batch_size)) if batch_size else epochs
-    params, _, _ = run_vi(
-        problem, divergence, opt, params, opt.init(params), tasks, n_steps=steps,
-        n_particles=TRAIN["n_particles"], generator=gen,
-        batch_size=batch_size if batch_size and batch_size < n else None,
-    )
-    with torch.no_grad():
-        eps = problem.family.sample_eps(M, N_PREDICT, generator=gen, dtype=dtype, device="cpu")
-        z = problem.family.rsample(params, eps)
-        Xb_t = torch.as_tensor(Xb, dtype=dtype)
-        mean, scale = target.forward(z, Xb_t, params)  # (M, S, n), standardised units
-        yb_t = torch.as_tensor((yb - mu) / sd, dtype=dtype).unsqueeze(1)
-        log_n = -0.5 * ((yb_t - mean) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
-        lpd = torch.logsumexp(log_n, 1) - math.log(N_PREDICT)  # (M, n)
-        pred = mean.mean(1)
-        rmse = torch.sqrt(((pred - yb_t[:, 0]) ** 2).mean(-1))
-        var = mean.var(1) + (scale**2).mean(1)
-    return {
-        "ll": lpd.mean(-1).double().numpy(),
-        "rmse": rmse.double().numpy(),
-        "band": (pred[0].double().numpy() * sd[0] + mu[0], np.sqrt(var[0].double().numpy()) * sd[0]),
-    }
+        est = MetaBNNRegressor(source, **MODEL, **TRAIN, random_state=seed, **settings)
+    M = Xa.shape[0]
+    copies = est._adapted_copies([(Xa[m], ya[m]) for m in range(M)],
+                                 random_states=[seed * 1000 + m for m in range(M)])
+    sd = ya.std(1)
+    ll = np.array([np.mean(c.log_predictive_density(Xb[m], yb[m])) + np.log(sd[m])
+                   for m, c in enumerate(copies)])
+    rmse = np.array([np.sqrt(np.mean((c.predict(Xb[m]) - yb[m]) ** 2)) / sd[m]
+                     for m, c in enumerate(copies)])
+    return {"ll": ll, "rmse": rmse, "band": copies[0].predict(Xb[0], return_std=True)}
 
 
 def _meta_train(kind, budget, seed, learn_init):
@@ -137,12 +108,12 @@ def _table4_seed(budget, seed):
     info = {}
     for name, kind in (("meta-α", "meta_alpha"), ("meta-f", "meta_f")):
         est, secs = _meta_train(kind, budget, seed, learn_init=False)
-        methods[name] = est.meta_divergence_
+        methods[name] = est
         info[name] = {"seconds": secs, "alpha": getattr(est.meta_divergence_, "alpha", None)}
     results = {
-        name: adapt_and_evaluate(div, *data, epochs=budget["t4_epochs"],
+        name: adapt_and_evaluate(source, *data, epochs=budget["t4_epochs"],
                                  batch_size=T4["batch_size"], seed=seed)
-        for name, div in methods.items()
+        for name, source in methods.items()
     }
     return results, info, data
 
@@ -168,22 +139,22 @@ def table4(budget, seed):
 
 def _table5_seed(budget, seed):
     data = _test_tasks(budget, seed, T5["n_train_points"])
-    runs = {"VI": (KL(), None)}
+    runs = {"VI": KL()}
     info = {}
     for name, kind in (("VI&φ", "vi"), ("meta-α&φ", "meta_alpha"), ("meta-f&φ", "meta_f")):
         est, secs = _meta_train(kind, budget, seed, learn_init=True)
-        runs[name] = (est.meta_divergence_, est.meta_init_)
+        runs[name] = est
         info[name] = {"seconds": secs, "alpha": getattr(est.meta_divergence_, "alpha", None)}
     results = {
-        name: adapt_and_evaluate(div, *data, epochs=budget["t5_epochs"], batch_size=None,
-                                 seed=seed, init=init)
-        for name, (div, init) in runs.items()
+        name: adapt_and_evaluate(source, *data, epochs=budget["t5_epochs"], batch_size=None,
+                                 seed=seed)
+        for name, source in runs.items()
     }
     # Also at the meta-training horizon (B inner steps), where Algorithm 2 optimised J.
     short = {
-        name: adapt_and_evaluate(div, *data, epochs=T5["n_inner_steps"], batch_size=None,
-                                 seed=seed, init=init)
-        for name, (div, init) in runs.items()
+        name: adapt_and_evaluate(source, *data, epochs=T5["n_inner_steps"], batch_size=None,
+                                 seed=seed)
+        for name, source in runs.items()
     }
     info["short"] = short
     return results, info, data

@@ -1,0 +1,55 @@
+"""The one adaptation path: many tasks in one batched pass, each exactly as a separate fit."""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import copy
+
+import numpy as np
+import pytest
+
+from skmetavi import MetaBNNRegressor, MetaDivergenceVI
+from skmetavi.datasets import make_mog_tasks, make_sinusoid_tasks
+
+FAST = dict(hidden_layer_sizes=(8,), n_particles=4, n_predict_samples=8, random_state=0)
+
+
+def _ragged_tasks():
+    """Tasks of 30, 17, 9 and 5 rows (a minibatch of 8 leaves the last one whole)."""
+    X, y, g = make_sinusoid_tasks(4, 30, random_state=3)
+    return [(X[g == t][:n], y[g == t][:n]) for t, n in enumerate((30, 17, 9, 5))]
+
+
+@pytest.mark.parametrize("batch_size", [None, 8], ids=["full-batch", "minibatch"])
+@pytest.mark.parametrize("meta", [None, "alg1", "alg2"])
+def test_batched_adaptation_equals_separate_fits(batch_size, meta):
+    est = MetaBNNRegressor("renyi", max_iter=3, batch_size=batch_size, **FAST)
+    if meta is not None:
+        X, y, g = make_sinusoid_tasks(4, 20, random_state=0)
+        est.set_params(meta_learn_init=meta == "alg2", max_meta_iter=3, n_inner_steps=2)
+        est.meta_fit(X, y, groups=g)
+    data = _ragged_tasks()
+    batched = est._adapted_copies(data)
+    for (X, y), got in zip(data, batched):
+        ref = copy.deepcopy(est).fit(X, y)
+        assert got.n_iter_ == ref.n_iter_
+        for k, v in ref.variational_params_.items():
+            np.testing.assert_allclose(got.variational_params_[k].numpy(), v.numpy(),
+                                       rtol=2e-5, atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(got.loss_curve_, ref.loss_curve_, rtol=2e-5, atol=1e-4)
+        np.testing.assert_allclose(got.predict(X), ref.predict(X), rtol=1e-4, atol=1e-4)
+    if batch_size:
+        assert [e.n_iter_ for e in batched] == [3 * 4, 3 * 3, 3 * 2, 3 * 1]  # epochs per task
+    assert not hasattr(est, "variational_params_")  # the estimator itself stays unfitted
+
+
+def test_batched_adaptation_of_a_vi_estimator():
+    X, g = make_mog_tasks(5, random_state=0)
+    est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", inner_optimizer="sgd",
+                           max_iter=20, n_particles=8, random_state=0)
+    data = [(X[g == t], None) for t in range(5)]
+    for (Xt, _), got in zip(data, est._adapted_copies(data)):
+        ref = copy.deepcopy(est).fit(Xt)
+        np.testing.assert_allclose(got.mean_, ref.mean_, rtol=1e-12)
+        np.testing.assert_allclose(got.covariance_, ref.covariance_, rtol=1e-12)
+        np.testing.assert_array_equal(got.sample(3), ref.sample(3))
