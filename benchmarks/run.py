@@ -33,17 +33,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
-from skmetavi import _torch
-from skmetavi._bilevel import MetaTrainer, PredictiveNLL, Problem, inner_step
-from skmetavi._optim import Adam
-from skmetavi._tasks import pad_tasks
+from skmetavi import MetaBNNRegressor
 from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.divergences import Renyi
-from skmetavi.models import BNNRegression, MeanFieldGaussian
 
 BNN2 = dict(hidden_layer_sizes=(50, 50), likelihood="homoskedastic")
+#: The BNN settings of every benchmark (float32, K = 10, Adam 1e-3, q's sd 0.01 at start).
+SETTINGS = dict(n_particles=10, inner_optimizer="adam", inner_lr=1e-3, init_scale=0.01,
+                normalize_y=False, dtype="float32", random_state=0)
 
 
 def _median_time(fn, n_rep, n_warmup=3):
@@ -57,35 +57,23 @@ def _median_time(fn, n_rep, n_warmup=3):
     return statistics.median(times)
 
 
-def _bnn_problem(n_tasks, n_points, seed=0, **model):
+def _bnn_run(n_tasks, n_points, seed=0, **model):
+    """A ready batched VI run (the estimators' adaptation path) on standardised sinusoids."""
     X, y, g = make_sinusoid_tasks(n_tasks, n_points, random_state=seed)
     y = (y - y.mean()) / y.std()
-    target = BNNRegression(**(model or BNN2))
-    problem = Problem(MeanFieldGaussian(target.n_latent(1)), target)
-    Xs = [torch.as_tensor(X[g == i], dtype=torch.float32) for i in range(n_tasks)]
-    ys = [torch.as_tensor(y[g == i], dtype=torch.float32) for i in range(n_tasks)]
-    tasks = pad_tasks(Xs, ys)
-    gen = _torch.make_generator(seed)
-    params = problem.family.init_params(n_tasks, scale=0.01, dtype=torch.float32, device="cpu")
-    params["loc"] = target.init_loc(n_tasks, 1, generator=gen, dtype=torch.float32, device="cpu")
-    params.update(target.init_params(n_tasks, dtype=torch.float32, device="cpu"))
-    return problem, tasks, params, gen, (X, y, g)
+    est = MetaBNNRegressor(Renyi(0.5, learnable=False), **(model or BNN2), **SETTINGS)
+    est._setup_torch()
+    data = [(X[g == i], y[g == i]) for i in range(n_tasks)]
+    rngs = [np.random.RandomState(seed + i) for i in range(n_tasks)]
+    _, run, _, _ = est._adaptation(data, rngs)
+    return est, run, (X, y, g)
 
 
 # ------------------------------------------------------------------- 1
 def bench_pyro(n_rep=50):
     """Our Rényi step (K=10, Adam) vs Pyro RenyiELBO + SVI + Adam on the same 1-50-50-1 BNN."""
-    problem, tasks, params, gen, (X, y, _) = _bnn_problem(1, 1000)
-    div = Renyi(0.5, learnable=False)
-    opt = Adam(1e-3)
-    state = {"p": params, "s": opt.init(params)}
-
-    def ours():
-        state["p"], state["s"], _ = inner_step(
-            problem, div, opt, state["p"], state["s"], tasks, n_particles=10, generator=gen
-        )
-
-    t_ours = _median_time(ours, n_rep)
+    est, run, (X, y, _) = _bnn_run(1, 1000)
+    t_ours = _median_time(run.step, n_rep)
     out = {"ours_ms": 1e3 * t_ours}
     try:
         import pyro
@@ -96,8 +84,8 @@ def bench_pyro(n_rep=50):
         out["pyro_ms"] = None
         out["note"] = "pyro-ppl not installed (pip install -e .[bench])"
         return out
-    target = problem.target
-    D = problem.family.n_latent
+    target = est._make_target()
+    D = target.n_latent(1)
     Xt = torch.as_tensor(X, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
 
@@ -111,7 +99,7 @@ def bench_pyro(n_rep=50):
         with pyro.plate("data", yt.shape[0], dim=-1):
             pyro.sample("y", dist.Normal(mean, sigma), obs=yt)
 
-    loc0 = params["loc"][0].clone()
+    loc0 = run.params["loc"][0].clone()
 
     def guide(Xt, yt):
         loc = pyro.param("q_loc", loc0)
@@ -127,23 +115,26 @@ def bench_pyro(n_rep=50):
 
 
 # ------------------------------------------------------------------- 2
-def _trainer(problem, tasks, params, gen, M):
-    return MetaTrainer(
-        problem, Renyi(1.0), Adam(1e-3), PredictiveNLL(10), tasks, tasks,
-        init_params=params, learn_init=False, n_inner_steps=5, n_particles=10,
-        n_tasks_per_batch=M, generator=gen,
-    )
+def _meta_trainers(n_tasks, n_points, M, seed=0, **model):
+    """Meta-training (Algorithm 1, B = 5, K = 10) of M tasks at once, and of each task alone."""
+    # 2 n_points rows per task: n_points support rows, n_points query rows.
+    X, y, g = make_sinusoid_tasks(n_tasks, 2 * n_points, random_state=seed)
+    est = MetaBNNRegressor(Renyi(1.0), **(model or BNN2), **SETTINGS, n_inner_steps=5,
+                           n_tasks_per_batch=M, query_fraction=0.5)
+    est._setup_torch()
+    _, _, _, (bnn, support, query, gen) = est._meta_fit_inputs(X, y, g)
+    batched = est._meta_trainer(bnn, support, query, gen, est._meta_divergence(False))
+    singles = [
+        est._meta_trainer(bnn, support.index(slice(i, i + 1)), query.index(slice(i, i + 1)),
+                          torch.Generator().manual_seed(i), est._meta_divergence(False))
+        for i in range(min(M, n_tasks))
+    ]
+    return batched, singles
 
 
 def bench_batched(n_points, M=16, n_rep=5):
     """One meta-iteration (B=5) for M tasks at once vs one task at a time."""
-    problem, tasks, params, gen, _ = _bnn_problem(M, n_points)
-    batched = _trainer(problem, tasks, params, gen, M)
-    singles = [
-        _trainer(problem, tasks.index(slice(i, i + 1)), {k: v[i : i + 1] for k, v in params.items()},
-                 _torch.make_generator(i), 1)
-        for i in range(M)
-    ]
+    batched, singles = _meta_trainers(M, n_points, M)
 
     def loop():
         for tr in singles:
@@ -160,10 +151,9 @@ _MEM_CHILD = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from benchmarks.run import _bnn_problem, _trainer
+from benchmarks.run import _meta_trainers
 mode, B = sys.argv[1], int(sys.argv[2])
-problem, tasks, params, gen, _ = _bnn_problem(4, 200, hidden_layer_sizes=(50,))
-tr = _trainer(problem, tasks, params, gen, 4)
+tr, _ = _meta_trainers(4, 200, 4, hidden_layer_sizes=(50,))
 tr.n_inner_steps = B
 tr.mode = mode
 tr.truncate = 1 if mode == "truncated" else None
@@ -204,12 +194,8 @@ def bench_flops(n_rep=30):
     a, b = torch.randn(n, n), torch.randn(n, n)
     t_mm = _median_time(lambda: a @ b, 10)
     peak = 2 * n**3 / t_mm / 1e9
-    problem, tasks, params, gen, _ = _bnn_problem(1, 1000)
-    div, opt = Renyi(0.5, learnable=False), Adam(1e-3)
-    state = opt.init(params)
-
-    def step():
-        inner_step(problem, div, opt, params, state, tasks, n_particles=10, generator=gen)
+    _, run, _ = _bnn_run(1, 1000)
+    step = run.step
 
     with FlopCounterMode(display=False) as counter:
         step()

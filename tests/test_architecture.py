@@ -667,3 +667,27 @@ def test_joblib_round_trip(name, request, tmp_path):
         torch.testing.assert_close(restored_tensors[path], t, rtol=0, atol=0, msg=path)
     if name == "meta_fitted_bnn":
         assert "est['meta_init_']['loc']" in tensors
+
+
+# The engine's internals, reached only through the estimators from above.
+ENGINE_INTERNALS = {
+    "skmetavi._bilevel", "skmetavi._inner", "skmetavi._optim", "skmetavi._tasks",
+    "skmetavi._trainer", "skmetavi._strategies", "skmetavi._implicit", "skmetavi._meta_losses",
+    "skmetavi._tree", "skmetavi._torch",
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((PACKAGE_DIR / "experiments").glob("*.py"))
+    + [PACKAGE_DIR.parent / "benchmarks" / "run.py"],
+    ids=lambda p: p.name if p.parent.name == "benchmarks" else f"experiments/{p.name}",
+)
+def test_experiments_and_benchmarks_use_the_estimators_not_the_engine(path):
+    """One adaptation path: the reproductions and benchmarks go through the estimators."""
+    if not path.exists():
+        pytest.skip("benchmarks/ is not part of an installed package")
+    module = "benchmarks.run" if path.parent.name == "benchmarks" else _module_name(path)
+    imported = _imported_modules(path.read_text(encoding="utf-8"), module)
+    owners = {_owning_module(n) for n in imported if n.startswith("skmetavi.")}
+    assert owners & ENGINE_INTERNALS == set()

@@ -195,6 +195,26 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 f"checkpoint_every must be a positive int (outer iterations between "
                 f"checkpoints), got {checkpoint_every!r}; e.g. checkpoint_every=50."
             )
+        X, y, labels, inputs = self._meta_fit_inputs(X, y, groups)
+        fingerprint = None
+        if checkpoint is not None:
+            if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
+                raise ValueError(
+                    "meta_fit(checkpoint=...) needs an int random_state, so that a resumed run "
+                    "repeats the random draws of the interrupted one (the support/query split, "
+                    f"the task sampling); got random_state={self.random_state!r}."
+                )
+            fingerprint = self._fingerprint(X, y, groups)
+        return self._meta_fit(*inputs, labels, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+
+    def _meta_fit_inputs(self, X, y, groups):
+        """Validated data and the engine's inputs of meta-training.
+
+        Returns ``(X, y, labels, (model, support, query, generator))``: ``y``
+        transformed per task, the task labels, the support and query rows of every
+        task as torch batches, and the CPU generator of the outer loop.
+        """
         X, y = self._validate_task_data(X, y, reset=True)
         labels, index = check_groups(groups, X.shape[0])
         model = self._model(X.shape[1])
@@ -208,18 +228,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         y = self._transform_meta_targets(y, support_idx, query_idx)
         support = self._to_tasks(X, y, support_idx)
         query = self._to_tasks(X, y, query_idx)
-        fingerprint = None
-        if checkpoint is not None:
-            if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
-                raise ValueError(
-                    "meta_fit(checkpoint=...) needs an int random_state, so that a resumed run "
-                    "repeats the random draws of the interrupted one (the support/query split, "
-                    f"the task sampling); got random_state={self.random_state!r}."
-                )
-            fingerprint = self._fingerprint(X, y, groups)
-        return self._meta_fit(model, support, query, labels, generator,
-                              checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                              fingerprint=fingerprint)
+        return X, y, labels, (model, support, query, generator)
 
     # ------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -295,6 +304,32 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             Whether ``KeyboardInterrupt`` stopped the adaptation (the states hold the
             last completed iteration).
         """
+        model, run, budget, extras = self._adaptation(data, rngs, warm=warm, n_steps=n_steps)
+        curves, interrupted = self._run_adaptation(run, budget)
+        states = []
+        divergence = run.divergence
+        for m, rng in enumerate(rngs):
+            states.append({
+                **extras[m],
+                "divergence_": divergence.to("cpu") if m == 0 else copy.deepcopy(states[0]["divergence_"]),
+                "variational_params_": _tree.to_device(
+                    {k: v[m : m + 1] for k, v in run.params.items()}, "cpu"),
+                "loss_curve_": np.asarray(curves[m], dtype=float),
+                "n_iter_": len(curves[m]),
+                "n_latent_": model.n_latent,
+                # Fixed seeds of score and of sample's default draw: repeated calls agree.
+                "_predict_seed": int(rng.randint(0, 2**31 - 1)),
+                "_sample_seed": _torch.seed_from_random_state(rng),
+            })
+        return states, interrupted
+
+    def _adaptation(self, data, rngs, *, warm=False, n_steps=None):
+        """A ready batched VI run over the tasks of ``data`` (see :meth:`_fit_tasks`).
+
+        Returns ``(model, run, budget, extras)``: the engine's model, a
+        :class:`~skmetavi._bilevel.VIRun` at the starting q of every task, the
+        steps per task and each task's target-transform attributes.
+        """
         n_features = data[0][0].shape[1]
         model = self._model(n_features)
         ys, extras = [], []
@@ -307,29 +342,18 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         gens = [_torch.make_generator(s, self._device) for s in seeds]
         generator = gens[0] if len(gens) == 1 else TaskGenerators(gens)
         tasks = self._pad([X for X, _ in data], None if ys[0] is None else ys)
-        divergence = self._adaptation_divergence()
         params = self._start_params(model, tasks, gens, warm)
         budget = self._n_steps(tasks) if n_steps is None else torch.full((len(data),), n_steps)
         # From the learned initialisation, the inner optimiser starts as it did in
         # meta-training (Algorithm 2: Adam from the preconditioner learned with the init).
-        pre = getattr(self, "meta_preconditioner_", None) if not warm else None
-        params, curves, interrupted = self._adapt(model, divergence, params, tasks, generator,
-                                                  budget, warm=pre)
-        states = []
-        for m, rng in enumerate(rngs):
-            states.append({
-                **extras[m],
-                "divergence_": divergence.to("cpu") if m == 0 else copy.deepcopy(states[0]["divergence_"]),
-                "variational_params_": _tree.to_device({k: v[m : m + 1] for k, v in params.items()},
-                                                       "cpu"),
-                "loss_curve_": np.asarray(curves[m], dtype=float),
-                "n_iter_": len(curves[m]),
-                "n_latent_": model.n_latent,
-                # Fixed seeds of score and of sample's default draw: repeated calls agree.
-                "_predict_seed": int(rng.randint(0, 2**31 - 1)),
-                "_sample_seed": _torch.seed_from_random_state(rng),
-            })
-        return states, interrupted
+        pre = None if warm else getattr(self, "meta_preconditioner_", None)
+        optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
+        state = optimizer.init(params, warm=None if pre is None else
+                               _tree.to_device(pre, self._device, self._dtype))
+        run = VIRun(model, self._adaptation_divergence(), optimizer, params, state, tasks,
+                    n_particles=self.n_particles, generator=generator,
+                    batch_size=self.batch_size, budget=budget)
+        return model, run, budget, extras
 
     def _adapted_copies(self, data, random_states=None):
         """Copies of this estimator fitted to each task of ``data``, in one batched pass.
@@ -392,18 +416,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                  for m, g in enumerate(generators)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _adapt(self, model, divergence, params, tasks, generator, budget, warm=None):
-        """Plain VI for all tasks at once (the shared loop); returns params, curves, interrupted.
-
-        ``warm``: the inner optimiser's starting statistics (Adam's second moment at
-        a learned initialisation).
-        """
-        optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
-        state = optimizer.init(params, warm=None if warm is None else
-                               _tree.to_device(warm, self._device, self._dtype))
-        run = VIRun(model, divergence, optimizer, params, state, tasks,
-                    n_particles=self.n_particles, generator=generator,
-                    batch_size=self.batch_size, budget=budget)
+    def _run_adaptation(self, run, budget):
+        """The shared training loop over a :class:`VIRun`; returns (curves, interrupted)."""
         bounds = []
 
         def step():
@@ -415,13 +429,13 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             step, int(budget.max()), verbose=self.verbose, desc="fit", value_name="loss",
             settings=lambda: (
                 f"inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr!r}, "
-                f"n_particles={self.n_particles!r}, divergence={divergence!r}"
+                f"n_particles={self.n_particles!r}, divergence={run.divergence!r}"
             ),
         )
         # bounds[i] belongs to a completed step (an interrupted step appends nothing).
-        curve = torch.stack(bounds) if bounds else torch.zeros((0, tasks.n_tasks))
+        curve = torch.stack(bounds) if bounds else torch.zeros((0, budget.numel()))
         curves = [(-curve[: int(b), m]).tolist() for m, b in enumerate(budget.tolist())]
-        return run.params, curves, result.interrupted
+        return curves, result.interrupted
 
     def _set_fitted(self, state):
         for name, value in state.items():

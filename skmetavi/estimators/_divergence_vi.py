@@ -95,9 +95,10 @@ class MetaDivergenceVI(_BaseMetaVI):
         identity; only the direct dependence of each step on eta is kept);
         exactly through the last ``truncate`` steps only; or implicitly,
         treating the end of the inner loop as a fixed point of the update and
-        solving the adjoint system by conjugate gradients (memory independent
-        of B; biased when the inner loop has not converged, e.g. Algorithm 1
-        with few inner steps; not available with ``meta_learn_init``).
+        solving the adjoint system by GMRES on one fixed noise draw (memory
+        independent of B; biased when the inner loop has not converged, e.g.
+        Algorithm 1 with few inner steps; not available with
+        ``meta_learn_init`` or ``batch_size``).
     truncate : int, default=None
         Steps back-propagated with ``meta_gradient="truncated"``.
     implicit_max_iter : int, default=100
@@ -162,6 +163,12 @@ class MetaDivergenceVI(_BaseMetaVI):
         Divergence learned by :meth:`meta_fit`.
     meta_init_ : dict of str to torch.Tensor
         Learned initialisation (``meta_learn_init=True`` only).
+    meta_preconditioner_ : dict of str to torch.Tensor or None
+        With ``meta_learn_init=True`` and ``inner_optimizer="adam"``: the typical
+        squared inner directions at the learned initialisation, from which Adam
+        starts (in meta-training and in :meth:`fit` from ``meta_init_``), so that
+        its first steps depend on the size of the direction and the divergence
+        gets a meta-gradient; None with SGD.
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss of each outer iteration (NaN where rolled back).
     n_meta_iter_ : int

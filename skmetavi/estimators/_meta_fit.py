@@ -145,7 +145,7 @@ class MetaFitMixin:
             implicit_tol=self.implicit_tol, implicit_damping=self.implicit_damping,
         )
 
-    def _meta_fit(self, model, support, query, labels, generator, *, checkpoint,
+    def _meta_fit(self, model, support, query, generator, labels, *, checkpoint,
                   checkpoint_every, fingerprint):
         """Algorithms 1 and 2 on torch tasks, in the shared training loop."""
         warm = self.warm_start and hasattr(self, "_meta_state")
