@@ -20,7 +20,6 @@ __all__ = [
     "shard",
     "all_reduce_scalars",
     "all_reduce_grads",
-    "all_reduce_tree",
     "all_gather_rows",
 ]
 
@@ -60,15 +59,6 @@ def all_reduce_grads(parameters, process_group=None) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=process_group)
-
-
-def all_reduce_tree(tree, process_group=None):
-    """Sum every tensor of ``tree`` over processes, in place; return ``tree``."""
-    import torch.distributed as dist
-
-    for t in tree_leaves(tree):
-        dist.all_reduce(t, group=process_group)
-    return tree
 
 
 def all_gather_rows(template, M: int, pending, process_group=None):

@@ -79,7 +79,7 @@ def gmres(matvec, b, *, max_iter=100, restart=None, tol=1e-5):
     rel_residual : torch.Tensor of shape (M,)
         The true relative residual of ``x`` (one extra product).
     n_iter : int
-        Products used, without the final residual's.
+        Products used, the true residuals' of every restart included.
     """
     ref = b[0]
     M, dtype, device = ref.shape[0], ref.dtype, ref.device

@@ -6,8 +6,8 @@ through.  Updates *ascend* the direction they are given (the engine passes the
 ascent direction of the negative divergence).  Every state carries a per-task
 ``lr_scale`` so that a task whose step failed can have its step size reduced
 alone.  ``param_state_keys`` names the sub-dicts of the state that hold one
-tensor per parameter (Adam's moments), so that the engine can gather and
-scatter the rows of per-row (local) parameters together with their state.
+entry per parameter and per row for per-row (local) parameters, so that the
+engine can gather and scatter a minibatch's rows together with their state.
 """
 
 # Authors: The skmetavi developers
@@ -17,23 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from skmetavi._tree import detach, index, scatter_
-
-__all__ = [
-    "SGD",
-    "Adam",
-    "INNER_OPTIMIZERS",
-    "make_optimizer",
-    "map_param_state",
-    "detach_state",
-    "index_state",
-    "scatter_state",
-]
+__all__ = ["SGD", "Adam", "INNER_OPTIMIZERS", "make_optimizer", "map_param_state"]
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-task (M,) tensor to broadcast against ``like`` (M, ...)."""
-    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+    """Reshape a per-task (M,) (or per-row (M, n)) tensor to broadcast against ``like``."""
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
 
 class SGD:
@@ -58,13 +47,9 @@ class SGD:
     def __repr__(self):
         return f"SGD(lr={self.lr!r})"
 
-    def init(self, params: dict, warm=None) -> dict:
+    def init(self, params: dict, local=()) -> dict:
         ref = next(iter(params.values()))
         return {"lr_scale": ref.new_ones(ref.shape[0]).detach()}
-
-    def warm_statistics(self, state, start=None):
-        """SGD has no state to warm-start from."""
-        return {}
 
     def update(self, params: dict, direction: dict, state: dict):
         scale = state["lr_scale"]
@@ -78,15 +63,16 @@ class Adam:
     """Adam ascent with per-task bias correction, differentiable end to end.
 
     ``sqrt(v_hat + eps^2)`` replaces ``sqrt(v_hat) + eps`` so that the second
-    derivative stays finite where a gradient coordinate is exactly zero.
+    derivative stays finite where a gradient coordinate is exactly zero.  The
+    bias corrections count the updates that reached each parameter: per task,
+    and per row for per-row (``local``) parameters, whose moments only move when
+    their row is in a minibatch (lazy Adam), so that a row's first update is
+    lr-sized however late it comes.
 
     From a fresh state the first step is ``lr * g / sqrt(g^2 + eps^2) ~ lr *
-    sign(g)``: it does not depend on the size of the direction, so that
-    whatever shapes that size (the divergence's parameters) gets no
-    meta-gradient through it.  :meth:`init` can therefore start from a *warm*
-    second moment (typical squared directions, e.g. at a learned initialisation,
-    :meth:`warm_statistics`), with which the first steps are linear in the
-    direction, ``~ lr * g / sqrt(v_0)``.
+    sign(g)``: it does not depend on the size of the direction, so whatever shapes
+    that size (the divergence's parameters) gets no meta-gradient through it; only
+    later steps, through the ratios of successive directions, do.
 
     Parameters
     ----------
@@ -97,7 +83,7 @@ class Adam:
     """
 
     name = "adam"
-    param_state_keys = ("m", "v")
+    param_state_keys = ("m", "v", "count")
 
     def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.lr = lr
@@ -107,92 +93,49 @@ class Adam:
     def __repr__(self):
         return f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r})"
 
-    def init(self, params: dict, warm=None) -> dict:
-        """A fresh state for ``params``; ``warm``: a second moment to start from.
+    def init(self, params: dict, local=()) -> dict:
+        """A fresh state for ``params``.
 
-        ``warm`` maps parameter names to (1, ...) or (M, ...) tensors of typical
-        squared directions; it is used as an established (bias-free) second
-        moment.  Parameters it does not name start cold.
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Parameters with a leading task dimension M.
+        local : tuple of str, default=()
+            Per-row parameters ``(M, n_rows, ...)``: their updates are counted per row.
+
+        Returns
+        -------
+        state : dict
+            ``lr_scale``, ``step`` (M,), ``m``, ``v`` and ``count``, the updates per
+            parameter ((M,), or (M, n_rows) for per-row parameters).
         """
         ref = next(iter(params.values()))
         M = ref.shape[0]
-        warm = warm or {}
-        v = {k: (warm[k].to(p.dtype).expand_as(p).clone() if k in warm else torch.zeros_like(p))
-             .detach() for k, p in params.items()}
         return {
             "lr_scale": ref.new_ones(M).detach(),
             "step": ref.new_zeros(M).detach(),
             "m": {k: torch.zeros_like(p).detach() for k, p in params.items()},
-            "v": v,
-            # Squared directions accumulated in v, for its bias correction (a warm v
-            # counts as established: no correction).
-            "v_count": {k: torch.full((M,), _WARM_COUNT if k in warm else 0.0, dtype=ref.dtype,
-                                      device=ref.device) for k in params},
+            "v": {k: torch.zeros_like(p).detach() for k, p in params.items()},
+            "count": {k: p.new_zeros(p.shape[:2] if k in local else (M,)).detach()
+                      for k, p in params.items()},
         }
-
-    def warm_statistics(self, state, start=None):
-        """Mean squared directions since :meth:`init`, per parameter, summed over tasks.
-
-        Parameters
-        ----------
-        state : dict
-            A state after some updates.
-        start : dict, default=None
-            The ``warm`` second moment the state was initialised with.
-
-        Returns
-        -------
-        sums : dict of str to torch.Tensor of shape (1, ...)
-            ``sum over tasks of (v - beta2^n v_0) / (1 - beta2^n)`` with ``n`` the
-            task's updates: the bias-corrected average of the squared directions
-            of those ``n`` steps alone.  Divide by the number of tasks for a mean.
-        """
-        b2 = self.betas[1]
-        start = start or {}
-        n = state["step"]  # (M,)
-        done = n > 0
-        out = {}
-        for k, v in state["v"].items():
-            v = v.detach()
-            if k in start:
-                v = v - _bcast(b2**n, v) * start[k].to(v.dtype)
-            c = 1 - b2**n
-            new = v / _bcast(torch.where(done, c, torch.ones_like(c)), v)
-            out[k] = torch.where(_bcast(done, new), new, torch.zeros_like(new)).sum(0, keepdim=True)
-        return out
 
     def update(self, params: dict, direction: dict, state: dict):
         b1, b2 = self.betas
-        step = state["step"] + 1
-        c1 = 1 - b1**step  # (M,)
         new_params, m_new, v_new, count_new = {}, {}, {}, {}
         for k, p in params.items():
             g = direction[k]
-            count = state["v_count"][k] + 1
-            c2 = 1 - b2**count
-            v_old = state["v"][k]
-            first_warm = (state["v_count"][k] >= _WARM_COUNT) & (state["step"] == 0)  # (M,)
-            if bool(first_warm.any()):
-                # A warm second moment comes from tasks of another size: a task whose
-                # directions are larger (more data) scales it up to its own, so that no
-                # step exceeds Adam's; smaller directions keep it (smaller steps).
-                ratio = ((g * g).detach().reshape(g.shape[0], -1).mean(-1)
-                         / v_old.reshape(g.shape[0], -1).mean(-1).clamp_min(self.eps**2))
-                factor = torch.where(first_warm, ratio.clamp_min(1.0), torch.ones_like(ratio))
-                v_old = v_old * _bcast(factor, v_old)
+            count = state["count"][k] + 1  # (M,) or (M, n_rows)
             m = b1 * state["m"][k] + (1 - b1) * g
-            v = b2 * v_old + (1 - b2) * g * g
-            m_hat = m / _bcast(c1, m)
-            v_hat = v / _bcast(c2, v)
+            v = b2 * state["v"][k] + (1 - b2) * g * g
+            m_hat = m / _bcast(1 - b1**count, m)
+            v_hat = v / _bcast(1 - b2**count, v)
             lr = self.lr * _bcast(state["lr_scale"], p)
             new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
             m_new[k], v_new[k], count_new[k] = m, v, count
-        return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new,
-                            "v": v_new, "v_count": count_new}
+        return new_params, {"lr_scale": state["lr_scale"], "step": state["step"] + 1,
+                            "m": m_new, "v": v_new, "count": count_new}
 
-
-#: ``v_count`` of a warm second moment: ``1 - beta2**count`` is 1 in floating point.
-_WARM_COUNT = 1e6
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -213,14 +156,10 @@ def map_param_state(optimizer, state: dict, keys, fn, *others) -> dict:
     """
     out = dict(state)
     for sub in optimizer.param_state_keys:
+        if sub not in state:
+            continue
         out[sub] = {
             k: fn(v, *(o[sub][k] for o in others)) if k in keys else v
             for k, v in state[sub].items()
         }
     return out
-
-
-# Kept under their historical names: thin uses of skmetavi._tree.
-detach_state = detach
-index_state = index
-scatter_state = scatter_

@@ -43,14 +43,18 @@ class PersistentTaskParams:
     init_params : dict of torch.Tensor of shape (n_tasks, ...)
         Initial phi_i of every training task.
     optimizer : inner optimiser
-        Its state is kept per task too (Adam's moments warm up across visits).
+        Its state is kept per task too (Adam's moments warm up across visits, so
+        only a task's first visit starts from a fresh Adam, whose first step gives
+        eta no meta-gradient).
+    local_keys : tuple of str, default=()
+        The model's per-row parameters.
     """
 
     learn_init = False
 
-    def __init__(self, init_params, optimizer):
+    def __init__(self, init_params, optimizer, local_keys=()):
         self.task_params = {k: v.detach().clone() for k, v in init_params.items()}
-        self.task_state = _tree.detach(optimizer.init(self.task_params))
+        self.task_state = _tree.detach(optimizer.init(self.task_params, local=tuple(local_keys)))
         self.init_params = None
         self.optimizer = None
 
@@ -82,7 +86,7 @@ class PersistentTaskParams:
         return "the inner step sizes of the sampled tasks"
 
     def state_dict(self):
-        return {"init_params": None, "init_optimizer": None, "init_preconditioner": None,
+        return {"init_params": None, "init_optimizer": None,
                 "task_params": _tree.to_cpu(self.task_params),
                 "task_state": _tree.to_cpu(self.task_state)}
 
@@ -108,24 +112,12 @@ class LearnedInit:
         initialised per task by ``model.init_params``.
     init_lr : float
         Adam step size of the initialisation (tau).
-
-    Attributes
-    ----------
-    preconditioner : dict of str to torch.Tensor or None
-        With Adam: the typical squared directions at the initialisation (an
-        average over the sampled tasks and, exponentially weighted, over outer
-        iterations) from which every task's Adam starts.  A fresh Adam's first
-        step is ``lr * sign(direction)``, which gives eta no meta-gradient; from a
-        warm second moment the first steps are linear in the direction.
     """
 
     learn_init = True
-    #: Weight of the newest outer iteration in the preconditioner's running average.
-    PRECONDITIONER_RATE = 0.1
 
     def __init__(self, init_params, inner_optimizer, model, init_lr):
         self.model = model
-        self.preconditioner = None
         self.local_keys = tuple(getattr(model, "local_keys", ()))
         self.inner_optimizer = inner_optimizer
         # Alg. 2: one shared initialisation (no task dimension) as leaves.
@@ -141,28 +133,12 @@ class LearnedInit:
         m = task_ids.numel()
         params = {k: v.expand((m,) + v.shape[1:]) for k, v in self.init_params.items()}
         if self.local_keys:
-            fresh = self.model.init_params(tasks, generator=generator)
+            fresh = self.model.init_local_params(tasks, generator=generator)
             params.update({k: fresh[k].detach() for k in self.local_keys})
-        return params, self.inner_optimizer.init(_tree.detach(params), warm=self.preconditioner)
+        return params, self.inner_optimizer.init(_tree.detach(params), local=self.local_keys)
 
     def store(self, idx, M, pending, *, world_size, process_group):
-        """Nothing persists per task; the preconditioner takes in the tasks' squared directions."""
-        sums = {}
-        for _, _, state in pending:
-            for k, v in self.inner_optimizer.warm_statistics(state, self.preconditioner).items():
-                if k not in self.local_keys:
-                    sums[k] = v if k not in sums else sums[k] + v
-        if not sums:
-            return
-        if world_size > 1:
-            _distributed.all_reduce_tree(sums, process_group)
-        mean = {k: v / M for k, v in sums.items()}
-        if self.preconditioner is None:
-            self.preconditioner = mean
-        else:
-            r = self.PRECONDITIONER_RATE
-            self.preconditioner = {k: (1 - r) * self.preconditioner[k] + r * v
-                                   for k, v in mean.items()}
+        """Nothing persists per task in Algorithm 2."""
 
     def on_failure(self, task_ids):
         return None
@@ -170,7 +146,6 @@ class LearnedInit:
     def state_dict(self):
         return {"init_params": _tree.to_cpu(self.init_params),
                 "init_optimizer": _tree.to_cpu(self.optimizer.state_dict()),
-                "init_preconditioner": _tree.to_cpu(self.preconditioner),
                 "task_params": None, "task_state": None}
 
     def load_state_dict(self, state):
@@ -178,6 +153,3 @@ class LearnedInit:
             raise ValueError("The saved state has no learned initialisation (Algorithm 1).")
         _load_(self.init_params, state["init_params"])
         self.optimizer.load_state_dict(state["init_optimizer"])
-        device = next(iter(self.init_params.values())).device
-        pre = state["init_preconditioner"]
-        self.preconditioner = None if pre is None else _tree.to_device(pre, device)

@@ -241,7 +241,9 @@ class TaskGenerators:
     numbers of a separate single-task run with its own generator (minibatch
     keys included: a task draws keys for its own rows only, and none when it
     fits in one batch), so batched adaptation does not depend on which other
-    tasks are adapted alongside.
+    tasks are adapted alongside.  This holds for noise whose shape does not
+    depend on the task's rows (one global latent per task); for one latent per
+    row, ragged tasks draw noise for the padded rows too.
 
     Parameters
     ----------

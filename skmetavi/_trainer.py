@@ -13,6 +13,7 @@ import torch
 from skmetavi import _distributed, _tree
 from skmetavi._implicit import implicit_meta_gradient
 from skmetavi._inner import NonFiniteError, finite_params, inner_loop
+from skmetavi._optim import Adam
 from skmetavi._strategies import LearnedInit, PersistentTaskParams
 from skmetavi._tasks import TaskNoise
 
@@ -126,7 +127,8 @@ class MetaTrainer:
         if learn_init:
             self.strategy = LearnedInit(init_params, inner_optimizer, model, init_lr)
         else:
-            self.strategy = PersistentTaskParams(init_params, inner_optimizer)
+            self.strategy = PersistentTaskParams(init_params, inner_optimizer,
+                                                 getattr(model, "local_keys", ()))
         self.n_iter = 0
         self.failures = 0
         self.loss_curve = []
@@ -155,8 +157,25 @@ class MetaTrainer:
         return torch.randperm(self.n_tasks, generator=self.generator)[:M]
 
     # ------------------------------------------------------------ step
+    def _check_configuration(self):
+        """Warn once when the configuration cannot give the divergence a meta-gradient."""
+        if (self.eta and self.learn_init and self.n_inner_steps == 1
+                and isinstance(self.inner_optimizer, Adam)):
+            # Every task starts from a fresh Adam, whose only step is lr * sign(direction).
+            self._warn_once(
+                "zero_gradient",
+                "With a learned initialisation (Algorithm 2), inner_optimizer='adam' and "
+                "n_inner_steps=1 the divergence gets no meta-gradient: every task starts from a "
+                "fresh Adam, whose first step, lr * sign(direction), does not depend on the "
+                "divergence's weights (measured: d J / d alpha ~ 1e-17). Only the "
+                "initialisation is learned. Use inner_optimizer='sgd' (the paper's update) or "
+                "n_inner_steps >= 2.",
+                stacklevel=4,
+            )
+
     def step(self) -> float:
         """One outer iteration; returns the mean meta-loss J (NaN if rolled back)."""
+        self._check_configuration()
         # Alg. 1/2, line 3: sample a batch of M tasks.
         idx = self._sample_tasks()
         M = idx.numel()
@@ -169,7 +188,9 @@ class MetaTrainer:
         chunk = self.task_chunk_size or max(1, rows.numel())
         device = self.support.X.device
         J_total, ok, pending = 0.0, True, []
-        for part in rows.split(chunk):
+        # A process may get no task (fewer tasks per batch than processes): it still
+        # takes part in every reduction below.
+        for part in rows.split(chunk) if rows.numel() else ():
             ids = idx[part].to(device)
             J_sum, new_params, new_state, part_ok = self._tasks_step(ids, seed, M, part.to(device))
             J_total += J_sum
@@ -254,10 +275,10 @@ class MetaTrainer:
         return float(J_sum.detach()), _tree.detach(params), _tree.detach(state), ok
 
     # ------------------------------------------------------ diagnostics
-    def _warn_once(self, key, message):
+    def _warn_once(self, key, message, stacklevel=4):
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _check_meta_gradient(self):
         """Warn when the divergence's meta-gradient stays zero: nothing would be learned."""
@@ -272,13 +293,13 @@ class MetaTrainer:
                 "zero_gradient",
                 f"The meta-gradient of the divergence's parameters has been zero for "
                 f"{self._zero_grad_run} outer iterations (up to iteration {self.n_iter}): "
-                "the divergence is not being learned. Likely causes: an inner optimiser that "
-                f"hides it from the meta-gradient ({self.inner_optimizer!r}; exact Adam's first "
-                "step from a fresh state is lr * sign(direction), as in every step of "
-                "Algorithm 2 with one inner step), or particle weights collapsed onto one "
-                "particle (alpha far from 1, few particles, many latent dimensions). Use "
-                "inner_optimizer='sgd' or 'adam' (a constant preconditioner for "
-                "meta-gradients), more n_particles, or more n_inner_steps.",
+                "the divergence is not being learned. Likely causes: particle weights "
+                "collapsed onto one particle (alpha far from 1, few particles, many latent "
+                "dimensions: use more n_particles, or a divergence closer to KL), one "
+                "particle only, or an inner optimiser that hides the divergence from the "
+                f"meta-gradient ({self.inner_optimizer!r}: a fresh Adam's first step is "
+                "lr * sign(direction), independent of the divergence's weights; use "
+                "inner_optimizer='sgd' or more n_inner_steps).",
             )
 
     def _check_residual(self, residual):

@@ -34,6 +34,13 @@ def build(which):
             "gaussian_mixture", divergence="renyi", inner_optimizer="sgd", n_particles=32,
             max_meta_iter=15, n_tasks_per_batch=5, random_state=0,
         )
+    if which == "alg2-one-task":
+        # Algorithm 2, one task per outer step: the second process has no task and must
+        # still take part in every reduction.
+        return MetaDivergenceVI(
+            "gaussian_mixture", divergence="renyi", meta_learn_init=True, inner_optimizer="sgd",
+            n_particles=16, max_meta_iter=8, n_tasks_per_batch=1, random_state=0,
+        )
     return MetaBNNRegressor(
         "neural_f", hidden_layer_sizes=(8,), n_particles=4, max_meta_iter=6, n_tasks_per_batch=5,
         n_inner_steps=2, dtype="float64", random_state=0,
@@ -41,7 +48,7 @@ def build(which):
 
 
 def data(which):
-    if which == "mog":
+    if which in ("mog", "alg2-one-task"):
         X, g = make_mog_tasks(8, random_state=0)
         return X, None, g
     X, y, g = make_sinusoid_tasks(8, 30, random_state=0)

@@ -43,6 +43,16 @@ def test_batched_adaptation_equals_separate_fits(batch_size, meta):
     assert not hasattr(est, "variational_params_")  # the estimator itself stays unfitted
 
 
+def test_task_chunks_give_the_same_copies():
+    est = MetaBNNRegressor("renyi", max_iter=3, **FAST)
+    data = _ragged_tasks()
+    whole = est._adapted_copies(data)
+    chunked = est.set_params(task_chunk_size=3)._adapted_copies(data)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a.predict(data[0][0]), b.predict(data[0][0]), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_batched_adaptation_of_a_vi_estimator():
     X, g = make_mog_tasks(5, random_state=0)
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", inner_optimizer="sgd",

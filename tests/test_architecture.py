@@ -276,13 +276,17 @@ def fitted_bnn(sinusoid_tasks):
 
 @pytest.fixture(scope="module")
 def meta_fitted_bnn(sinusoid_tasks):
-    """Meta-D&phi (learned alpha and initialisation), then fit; ``random_state=None``."""
+    """Meta-D&phi (learned alpha and initialisation), then fit; ``random_state=None``.
+
+    Two inner steps: with one, a fresh Adam's sign step gives alpha no meta-gradient.
+    """
     X, y, groups = sinusoid_tasks
     est = MetaBNNRegressor(
         "renyi",
         **FAST_BNN,
         likelihood="homoskedastic",
         meta_learn_init=True,
+        n_inner_steps=2,
         max_meta_iter=3,
         n_tasks_per_batch=2,
     )
@@ -616,7 +620,8 @@ def _vi_alg2_neural_f(seed):
 def _bnn_alg2_minibatch(seed):
     X, y, groups = make_sinusoid_tasks(4, 20, random_state=0)
     est = MetaBNNRegressor(
-        "renyi", **FAST_BNN, meta_learn_init=True, n_tasks_per_batch=2, batch_size=8,
+        "renyi", **FAST_BNN, meta_learn_init=True, n_inner_steps=2, n_tasks_per_batch=2,
+        batch_size=8,
         max_meta_iter=3, random_state=seed,
     )
     X0, y0 = X[groups == 0], y[groups == 0]
@@ -673,7 +678,7 @@ def test_joblib_round_trip(name, request, tmp_path):
 ENGINE_INTERNALS = {
     "skmetavi._bilevel", "skmetavi._inner", "skmetavi._optim", "skmetavi._tasks",
     "skmetavi._trainer", "skmetavi._strategies", "skmetavi._implicit", "skmetavi._meta_losses",
-    "skmetavi._tree", "skmetavi._torch",
+    "skmetavi._tree", "skmetavi._torch", "skmetavi._distributed",
 }
 
 

@@ -99,7 +99,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("which", ["mog", "bnn"])
+@pytest.mark.parametrize("which", ["mog", "bnn", "alg2-one-task"])
 def test_torch_distributed_two_processes_equal_single_process(which, tmp_path):
     sys.path.insert(0, str(HERE))
     try:

@@ -47,6 +47,18 @@ def test_gmres_happy_breakdown_and_zero_rhs():
     assert torch.isfinite(res).all() and n_iter <= 3
 
 
+def test_gmres_with_tasks_that_break_down_at_different_steps():
+    """One task solved at once (a multiple of I), another needing many Krylov vectors."""
+    g = torch.Generator().manual_seed(2)
+    n = 12
+    A = torch.stack([2.0 * torch.eye(n, dtype=DT),
+                     torch.eye(n, dtype=DT) * 3 + torch.randn(n, n, generator=g, dtype=DT) / 3])
+    b = torch.randn(2, n, generator=g, dtype=DT)
+    (x,), res, _ = gmres(_batched_matvec(A), [b], max_iter=40, restart=5, tol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert float(res.max()) < 1e-11
+
+
 def test_gmres_reports_an_unconverged_residual():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(1, 40, 40, generator=g, dtype=DT)

@@ -414,7 +414,8 @@ def test_vi_meta_fit_interrupt_then_warm_start_equals_uninterrupted(mog_tasks, m
 def test_bnn_meta_fit_interrupt_then_warm_start_equals_uninterrupted(monkeypatch):
     X, y, groups = make_sinusoid_tasks(4, 20, random_state=0)
     params = dict(
-        FAST_BNN, divergence="renyi", meta_learn_init=True, n_tasks_per_batch=2, max_iter=5,
+        FAST_BNN, divergence="renyi", meta_learn_init=True, n_inner_steps=2,
+        n_tasks_per_batch=2, max_iter=5,
         random_state=0,
     )
     full = MetaBNNRegressor(**params, max_meta_iter=6).meta_fit(X, y, groups=groups)

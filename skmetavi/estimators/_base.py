@@ -344,12 +344,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         tasks = self._pad([X for X, _ in data], None if ys[0] is None else ys)
         params = self._start_params(model, tasks, gens, warm)
         budget = self._n_steps(tasks) if n_steps is None else torch.full((len(data),), n_steps)
-        # From the learned initialisation, the inner optimiser starts as it did in
-        # meta-training (Algorithm 2: Adam from the preconditioner learned with the init).
-        pre = None if warm else getattr(self, "meta_preconditioner_", None)
         optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
-        state = optimizer.init(params, warm=None if pre is None else
-                               _tree.to_device(pre, self._device, self._dtype))
+        state = optimizer.init(params, local=tuple(model.local_keys))
         run = VIRun(model, self._adaptation_divergence(), optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
                     batch_size=self.batch_size, budget=budget)
@@ -360,8 +356,9 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
 
         Task ``m``'s copy is what ``copy.deepcopy(self).fit(*data[m])`` gives (the
         same random numbers: each task's generator is seeded from its own copy of
-        ``random_state``), but all tasks share one run of the engine.  The copies
-        share this estimator's meta-learned state (read only).
+        ``random_state``; never a warm start), but all tasks share one run of the
+        engine (``task_chunk_size`` tasks at a time, if set).  The copies share this
+        estimator's meta-learned state (read only).
 
         Parameters
         ----------
@@ -383,15 +380,19 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         for (X, y), random_state in zip(data, random_states):
             est = copy.copy(self)
             est.warm_start = False
-            est.random_state = random_state
+            est.random_state = copy.deepcopy(random_state)  # not shared with self
             validated.append(est._validate_task_data(X, y, reset=True))
             copies.append(est)
         rngs = [_check_random_state(copy.deepcopy(rs)) for rs in random_states]
-        states, interrupted = self._fit_tasks(validated, rngs)
-        if interrupted:
-            raise KeyboardInterrupt
-        for est, state in zip(copies, states):
-            est._set_fitted(state)
+        # task_chunk_size bounds memory here as in meta_fit (results do not change).
+        chunk = self.task_chunk_size or len(data)
+        for start in range(0, len(data), chunk):
+            part = slice(start, start + chunk)
+            states, interrupted = self._fit_tasks(validated[part], rngs[part])
+            if interrupted:
+                raise KeyboardInterrupt
+            for est, state in zip(copies[part], states):
+                est._set_fitted(state)
         return copies
 
     def _start_params(self, model, tasks, generators, warm):

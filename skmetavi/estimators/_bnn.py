@@ -149,12 +149,6 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Divergence learned by :meth:`meta_fit`.
     meta_init_ : dict of str to torch.Tensor
         Learned initialisation (``meta_learn_init=True``).
-    meta_preconditioner_ : dict of str to torch.Tensor or None
-        With ``meta_learn_init=True`` and ``inner_optimizer="adam"``: the typical
-        squared inner directions at the learned initialisation, from which Adam
-        starts (in meta-training and in :meth:`fit` from ``meta_init_``), so that
-        its first steps depend on the size of the direction and the divergence
-        gets a meta-gradient; None with SGD.
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss per outer iteration.
     n_meta_iter_ : int

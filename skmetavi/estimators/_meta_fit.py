@@ -108,13 +108,6 @@ class MetaFitMixin:
                 f"truncate={self.truncate} exceeds n_inner_steps={self.n_inner_steps}; "
                 "choose truncate <= n_inner_steps."
             )
-        if self.meta_gradient == "implicit" and self.batch_size is not None:
-            raise ValueError(
-                "meta_gradient='implicit' differentiates through a fixed point of the inner "
-                "loop, which needs the same full-batch problem at every inner step; "
-                f"batch_size={self.batch_size} draws another minibatch each step. Use "
-                "batch_size=None, or meta_gradient='truncated' for bounded memory."
-            )
 
     def _meta_divergence(self, warm):
         """The divergence to meta-learn: the previous result (warm start) or a fresh one."""
@@ -229,12 +222,8 @@ class MetaFitMixin:
         self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
         if trainer.learn_init:
             self.meta_init_ = _tree.to_device(trainer.init_params, "cpu")
-            pre = trainer.strategy.preconditioner
-            self.meta_preconditioner_ = None if pre is None else _tree.to_device(pre, "cpu")
-        else:
-            for name in ("meta_init_", "meta_preconditioner_"):
-                if hasattr(self, name):
-                    delattr(self, name)
+        elif hasattr(self, "meta_init_"):
+            del self.meta_init_
         self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
         self.n_meta_iter_ = trainer.n_iter
         self.meta_tasks_ = labels

@@ -148,15 +148,39 @@ class LinearGaussianLatent(LatentModel):
             "noise_raw": torch.full((M, 1), _inverse_softplus(1.0 - MIN_NOISE), dtype=dtype,
                                     device=device),
         }
-        unit = _inverse_softplus(1.0 - MIN_SCALE)
         if self.inference == "amortized":
+            unit = _inverse_softplus(1.0 - MIN_SCALE)
             params["enc_weight"] = s * randn((M, p, k), generator, dtype=dtype, device=device)
             params["enc_bias"] = torch.zeros((M, k), dtype=dtype, device=device)
             params["enc_scale_raw"] = torch.full((M, k), unit, dtype=dtype, device=device)
-        else:
-            params["z_loc"] = torch.zeros((M, n_rows, k), dtype=dtype, device=device)
-            params["z_scale_raw"] = torch.full((M, n_rows, k), unit, dtype=dtype, device=device)
+        params.update(self.init_local_params(tasks, generator=generator))
         return params
+
+    def init_local_params(self, tasks, *, generator):
+        """Every row's q at the prior (factorised q; nothing for an amortised one).
+
+        Parameters
+        ----------
+        tasks : TaskBatch
+            The tasks.
+        generator : torch.Generator or TaskNoise
+            Unused: the start is deterministic.
+
+        Returns
+        -------
+        params : dict of str to torch.Tensor
+            ``z_loc`` and ``z_scale_raw``, ``(M, n_rows, k)`` each.
+        """
+        if self.inference == "amortized":
+            return {}
+        M, n_rows, _ = tasks.X.shape
+        dtype, device = tasks.X.dtype, tasks.X.device
+        unit = _inverse_softplus(1.0 - MIN_SCALE)
+        return {
+            "z_loc": torch.zeros((M, n_rows, self.n_components), dtype=dtype, device=device),
+            "z_scale_raw": torch.full((M, n_rows, self.n_components), unit, dtype=dtype,
+                                      device=device),
+        }
 
     def q_loc_scale(self, params, tasks):
         """Mean and standard deviation of every row's q, each (M, S, k).

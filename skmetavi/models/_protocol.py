@@ -121,6 +121,27 @@ class LatentModel:
         """
         raise NotImplementedError
 
+    def init_local_params(self, tasks, *, generator) -> dict:
+        """Return initial per-row parameters (:attr:`local_keys`) for the tasks of ``tasks``.
+
+        Algorithm 2 starts every task's local parameters here (they are not shared).
+        The default takes them from :meth:`init_params`.
+
+        Parameters
+        ----------
+        tasks : TaskBatch
+            The tasks.
+        generator : torch.Generator or TaskNoise
+            Source of randomness.
+
+        Returns
+        -------
+        params : dict of str to torch.Tensor
+            The local parameters, ``(M, n_rows, ...)`` each.
+        """
+        params = self.init_params(tasks, generator=generator)
+        return {k: params[k] for k in self.local_keys}
+
     def sample_eps(self, params, tasks, n_particles, *, generator) -> torch.Tensor:
         """Draw the standard noise that :meth:`rsample` maps to particles.
 
