@@ -106,8 +106,8 @@ class Adam:
         Returns
         -------
         state : dict
-            ``lr_scale``, ``step`` (M,), ``m``, ``v`` and ``count``, the updates per
-            parameter ((M,), or (M, n_rows) for per-row parameters).
+            ``lr_scale``, ``step`` (the task's updates, (M,)), ``m``, ``v`` and
+            ``count``: the updates of each per-row parameter's rows, (M, n_rows).
         """
         ref = next(iter(params.values()))
         M = ref.shape[0]
@@ -116,25 +116,31 @@ class Adam:
             "step": ref.new_zeros(M).detach(),
             "m": {k: torch.zeros_like(p).detach() for k, p in params.items()},
             "v": {k: torch.zeros_like(p).detach() for k, p in params.items()},
-            "count": {k: p.new_zeros(p.shape[:2] if k in local else (M,)).detach()
-                      for k, p in params.items()},
+            "count": {k: params[k].new_zeros(params[k].shape[:2]).detach() for k in local},
         }
 
     def update(self, params: dict, direction: dict, state: dict):
         b1, b2 = self.betas
+        step = state["step"] + 1
+        c1 = 1 - b1**step  # (M,)
+        c2 = 1 - b2**step
         new_params, m_new, v_new, count_new = {}, {}, {}, {}
         for k, p in params.items():
             g = direction[k]
-            count = state["count"][k] + 1  # (M,) or (M, n_rows)
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
-            m_hat = m / _bcast(1 - b1**count, m)
-            v_hat = v / _bcast(1 - b2**count, v)
+            if k in state["count"]:  # per-row bias correction (lazy Adam)
+                count_new[k] = state["count"][k] + 1  # (M, n_rows)
+                m_hat = m / _bcast(1 - b1 ** count_new[k], m)
+                v_hat = v / _bcast(1 - b2 ** count_new[k], v)
+            else:
+                m_hat = m / _bcast(c1, m)
+                v_hat = v / _bcast(c2, v)
             lr = self.lr * _bcast(state["lr_scale"], p)
             new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
-            m_new[k], v_new[k], count_new[k] = m, v, count
-        return new_params, {"lr_scale": state["lr_scale"], "step": state["step"] + 1,
-                            "m": m_new, "v": v_new, "count": count_new}
+            m_new[k], v_new[k] = m, v
+        return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new,
+                            "count": count_new}
 
 
 INNER_OPTIMIZERS = ("sgd", "adam")

@@ -109,7 +109,7 @@ class LearnedInit:
         Started fresh for every task at every outer iteration.
     model : LatentModel
         Its ``local_keys`` (per-row parameters) are never shared: they are
-        initialised per task by ``model.init_params``.
+        initialised per task by ``model.init_local_params``.
     init_lr : float
         Adam step size of the initialisation (tau).
     """
