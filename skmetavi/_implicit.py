@@ -161,7 +161,8 @@ def implicit_meta_gradient(
     J = meta_loss(model, phi, query, generator=loss_noise)
     J_sum = J.sum()
     ok = (bool(torch.isfinite(J_sum)) and bool(st.finite.all())
-          and bool(torch.stack([s_.finite for s_ in stats]).all()) and bool(finite_params(phi).all()))
+          and bool(torch.stack([s_.finite for s_ in stats]).all())
+          and bool(finite_params(phi).all()))
     residual = None
     if ok:
         keys = list(phi)

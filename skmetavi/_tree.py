@@ -72,7 +72,7 @@ def index(tree, idx):
 
 
 def scatter_(store, idx, values):
-    """Write ``values`` (detached) into the tasks ``idx`` of ``store``, in place; return ``store``."""
+    """Write ``values`` (detached) into the tasks ``idx`` of ``store`` in place; return it."""
 
     def write(dst, src):
         dst[idx.to(dst.device)] = src.detach()
@@ -87,7 +87,7 @@ def to_cpu(tree):
 
 
 def to_device(tree, device="cpu", dtype=None):
-    """Detached, contiguous copies of every tensor of ``tree`` on ``device`` (floats to ``dtype``)."""
+    """Detached copies of every tensor of ``tree`` on ``device`` (floats in ``dtype``)."""
 
     def move(t):
         t = t.detach()

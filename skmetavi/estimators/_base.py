@@ -311,7 +311,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         for m, rng in enumerate(rngs):
             states.append({
                 **extras[m],
-                "divergence_": divergence.to("cpu") if m == 0 else copy.deepcopy(states[0]["divergence_"]),
+                "divergence_": (divergence.to("cpu") if m == 0
+                                else copy.deepcopy(states[0]["divergence_"])),
                 "variational_params_": _tree.to_device(
                     {k: v[m : m + 1] for k, v in run.params.items()}, "cpu"),
                 "loss_curve_": np.asarray(curves[m], dtype=float),

@@ -26,7 +26,7 @@ META_LOSS_NAMES = ("auto", "d_half", "tv", "nll")
 
 
 class MetaFitMixin:
-    """``meta_fit`` and the meta-training state of :class:`~skmetavi.estimators._base._BaseMetaVI`."""
+    """Meta-training internals and state of :class:`~skmetavi.estimators._base._BaseMetaVI`."""
 
     # ------------------------------------------------------------ hooks
     def _transform_meta_targets(self, y, support_idx, query_idx):
@@ -56,7 +56,7 @@ class MetaFitMixin:
         return support, query
 
     def _make_meta_loss(self, model, tasks, meta_loss=None):
-        """Resolve ``meta_loss`` (default: the parameter) into ``(model, params, tasks) -> (M,)``."""
+        """Resolve ``meta_loss`` (default: the parameter) into ``(model, params, tasks)``."""
         meta_loss = self.meta_loss if meta_loss is None else meta_loss
         if callable(meta_loss):
             return CallableMetaLoss(meta_loss)
