@@ -63,3 +63,21 @@ def test_batched_adaptation_of_a_vi_estimator():
         np.testing.assert_allclose(got.mean_, ref.mean_, rtol=1e-12)
         np.testing.assert_allclose(got.covariance_, ref.covariance_, rtol=1e-12)
         np.testing.assert_array_equal(got.sample(3), ref.sample(3))
+
+
+def test_fit_after_a_learned_init_adapts_as_it_was_trained():
+    """max_iter="auto": the n_inner_steps the init was trained for, not hundreds of epochs."""
+    X, y, g = make_sinusoid_tasks(4, 30, random_state=0)
+    est = MetaBNNRegressor("kl", meta_learn_init=True, n_inner_steps=3, max_meta_iter=2,
+                           batch_size=8, **FAST).meta_fit(X, y, groups=g)
+    assert est.max_iter == "auto"
+    assert est.fit(X[g == 0], y[g == 0]).n_iter_ == 3  # steps, not epochs
+    assert est.set_params(max_iter=2).fit(X[g == 0], y[g == 0]).n_iter_ == 2 * 4  # epochs of 30 rows
+    # 0 steps: the learned initialisation itself.
+    est.set_params(max_iter=0).fit(X[g == 0], y[g == 0])
+    assert est.n_iter_ == 0 and est.loss_curve_.shape == (0,)
+    for k, v in est.meta_init_.items():
+        np.testing.assert_array_equal(est.variational_params_[k].numpy(), v.numpy())
+    # Without a learned init, "auto" is the default number of epochs.
+    plain = MetaBNNRegressor("kl", **FAST).fit(X[g == 0], y[g == 0])
+    assert plain.n_iter_ == MetaBNNRegressor.DEFAULT_MAX_ITER

@@ -48,7 +48,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "n_particles": [Interval(Integral, 1, None, closed="left")],
         "inner_optimizer": [StrOptions(set(INNER_OPTIMIZERS))],
         "inner_lr": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "meta_lr": [Interval(Real, 0, None, closed="neither")],
         "init_lr": [Interval(Real, 0, None, closed="neither")],
         "max_meta_iter": [Interval(Integral, 1, None, closed="left")],
@@ -140,12 +140,23 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             divergence = self._resolve_divergence()
         return divergence.to(self._device, self._dtype).requires_grad_(False)
 
+    #: Epochs of ``fit`` with ``max_iter="auto"`` when there is no learned initialisation.
+    DEFAULT_MAX_ITER = 200
+
     def _n_steps(self, tasks):
-        """Inner iterations of ``fit`` per task (M,): ``max_iter`` epochs over its rows."""
+        """Inner iterations of ``fit`` per task (M,).
+
+        ``max_iter`` epochs over the task's rows; with ``max_iter="auto"`` and a
+        learned initialisation (Algorithm 2), the ``n_inner_steps`` steps it was
+        meta-trained for, else ``DEFAULT_MAX_ITER`` epochs.
+        """
         n_rows = tasks.n_rows.cpu()
+        if self.max_iter == "auto" and hasattr(self, "meta_init_"):
+            return torch.full_like(n_rows, self.n_inner_steps)
+        epochs = self.DEFAULT_MAX_ITER if self.max_iter == "auto" else self.max_iter
         if self.batch_size is None:
-            return torch.full_like(n_rows, self.max_iter)
-        return self.max_iter * torch.clamp(-(-n_rows // self.batch_size), min=1)
+            return torch.full_like(n_rows, epochs)
+        return epochs * torch.clamp(-(-n_rows // self.batch_size), min=1)
 
     # -------------------------------------------------------- meta_fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -237,7 +248,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
 
         Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
         called, otherwise the ``divergence`` parameter; runs ``max_iter``
-        inner iterations of variational inference.
+        epochs of variational inference (``max_iter="auto"``: as many steps as
+        the learned initialisation was meta-trained for, or the default number
+        of epochs without one; ``max_iter=0`` keeps the starting q, e.g. the
+        learned initialisation itself).
 
         Parameters
         ----------

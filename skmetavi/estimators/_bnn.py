@@ -60,9 +60,12 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Inner-loop optimiser of both :meth:`fit` and :meth:`meta_fit`.
     inner_lr : float, default=0.01
         Inner step size (beta).
-    max_iter : int, default=200
+    max_iter : int or "auto", default="auto"
         Epochs of :meth:`fit` (passes over the task's rows in minibatches of
-        ``batch_size``).
+        ``batch_size``).  ``"auto"``: 200 epochs, or after :meth:`meta_fit`
+        with ``meta_learn_init=True`` the ``n_inner_steps`` steps the learned
+        initialisation was trained for (adapting a small task for hundreds of
+        epochs from it overfits badly).  0 keeps the starting q.
     batch_size : int, default=None
         Rows per inner step (the likelihood is rescaled by N / batch); all rows
         if None.
@@ -220,7 +223,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         n_particles=10,
         inner_optimizer="adam",
         inner_lr=0.01,
-        max_iter=200,
+        max_iter="auto",
         batch_size=None,
         init_scale=0.01,
         normalize_y=True,

@@ -62,8 +62,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         target.
     inner_lr : float, default=0.05
         Inner step size (beta in Algorithms 1 and 2).
-    max_iter : int, default=500
+    max_iter : int or "auto", default="auto"
         Inner iterations of :meth:`fit` (epochs when ``batch_size`` is set).
+        ``"auto"``: 500, or after :meth:`meta_fit` with ``meta_learn_init=True``
+        the ``n_inner_steps`` steps the learned initialisation was trained for.
+        0 keeps the starting q.
     init_loc, init_scale : float, default=0.0, 1.0
         Mean and standard deviation of the initial q (without ``meta_init_``).
     meta_loss : {"auto", "d_half", "tv", "nll"} or callable, default="auto"
@@ -206,6 +209,8 @@ class MetaDivergenceVI(_BaseMetaVI):
     (1,)
     """
 
+    DEFAULT_MAX_ITER = 500
+
     _parameter_constraints = {
         **_BaseMetaVI._parameter_constraints,
         "model": [StrOptions(set(TARGET_NAMES)), Target, callable],
@@ -229,7 +234,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         n_particles=100,
         inner_optimizer="adam",
         inner_lr=0.05,
-        max_iter=500,
+        max_iter="auto",
         init_loc=0.0,
         init_scale=1.0,
         meta_loss="auto",
