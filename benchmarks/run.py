@@ -122,7 +122,7 @@ def _meta_trainers(n_tasks, n_points, M, seed=0, **model):
     est = MetaBNNRegressor(Renyi(1.0), **(model or BNN2), **SETTINGS, n_inner_steps=5,
                            n_tasks_per_batch=M, query_fraction=0.5)
     est._setup_torch()
-    _, _, _, (bnn, support, query, gen) = est._meta_fit_inputs(X, y, g)
+    _, _, _, (bnn, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
     batched = est._meta_trainer(bnn, support, query, gen, est._meta_divergence(False))
     singles = [
         est._meta_trainer(bnn, support.index(slice(i, i + 1)), query.index(slice(i, i + 1)),

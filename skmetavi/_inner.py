@@ -267,6 +267,7 @@ def inner_loop(
     truncate=None,
     differentiable=True,
     batch_size=None,
+    on_step=None,
 ):
     """B differentiable inner steps (Alg. 1 line 6 / Alg. 2 line 6).
 
@@ -284,6 +285,8 @@ def inner_loop(
         handled by :mod:`skmetavi._implicit`, which runs the loop undifferentiated.)
     differentiable : bool
         If False nothing is recorded (plain VI).
+    on_step : callable, default=None
+        ``on_step(b, params)`` after step ``b`` (e.g. a meta-loss at every step).
     """
     stats = []
     for b in range(n_steps):
@@ -300,6 +303,8 @@ def inner_loop(
             n_particles=n_particles, generator=generator, batch_size=batch_size, **kw,
         )
         stats.append(st)
+        if on_step is not None:
+            on_step(b, params)
     return params, state, stats
 
 

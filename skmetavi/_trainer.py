@@ -61,6 +61,10 @@ class MetaTrainer:
         mode (:mod:`skmetavi._implicit`).
     fixed_noise : bool
         The same noise at every draw (deterministic inner problems, for tests).
+    multi_step_loss : bool, default=False
+        J is the mean of the meta-loss before the inner loop and after each of its
+        steps (MAML++'s multi-step loss), not only after the last: a learned
+        initialisation then also predicts well before and while it adapts.
     process_group : torch.distributed group, default=None
         Shard the sampled tasks over the processes of an initialised group.
     """
@@ -93,6 +97,7 @@ class MetaTrainer:
         implicit_tol=1e-5,
         fixed_noise=False,
         process_group=None,
+        multi_step_loss=False,
     ):
         if mode == "implicit" and learn_init:
             raise ValueError(
@@ -119,6 +124,7 @@ class MetaTrainer:
         self.implicit_steps, self.implicit_tol = implicit_steps, implicit_tol
         self.implicit_damping = implicit_damping
         self.fixed_noise = fixed_noise
+        self.multi_step_loss = multi_step_loss
         self.process_group = process_group
         self.rank, self.world_size = _distributed.rank_and_world(process_group)
         self.n_tasks = support.n_tasks
@@ -257,15 +263,25 @@ class MetaTrainer:
             if residual is not None:
                 self._check_residual(residual)
             return J_sum, _tree.detach(params), _tree.detach(state), ok
+        losses = []
+
+        def loss_at(b, p):
+            losses.append(self.meta_loss(self.model, p, query, generator=noise))
+
+        if self.multi_step_loss:
+            loss_at(-1, params)
         # Line 6: B inner steps phi_i <- phi_i + beta * direction, differentiable in eta.
         params, state, stats = inner_loop(
             self.model, self.divergence, self.inner_optimizer, params, state, support,
             n_steps=self.n_inner_steps, n_particles=self.n_particles, generator=noise,
             mode=self.mode, truncate=self.truncate, differentiable=self.differentiable,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, on_step=loss_at if self.multi_step_loss else None,
         )
-        # Line 7: the meta-loss on the query rows.
-        J = self.meta_loss(self.model, params, query, generator=noise)  # (m,)
+        # Line 7: the meta-loss on the query rows (multi-step: averaged over the steps).
+        if self.multi_step_loss:
+            J = torch.stack(losses).mean(0)  # (m,)
+        else:
+            J = self.meta_loss(self.model, params, query, generator=noise)  # (m,)
         inner_ok = torch.stack([st.finite for st in stats]).all(0) & finite_params(params)
         J_sum = J.sum()
         ok = bool(torch.isfinite(J_sum)) and bool(inner_ok.all())

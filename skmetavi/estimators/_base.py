@@ -29,6 +29,7 @@ from skmetavi._validation import _check_random_state, check_groups
 from skmetavi.divergences import DIVERGENCE_NAMES, Divergence, make_divergence
 from skmetavi.estimators._loop import train_loop
 from skmetavi.estimators._meta_fit import MetaFitMixin
+from skmetavi.estimators._meta_validation import MetaValidation
 from skmetavi.models import GlobalLatent
 
 # Re-exported: the stable representation of parameters used by checkpoint fingerprints.
@@ -61,6 +62,9 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "implicit_tol": [Interval(Real, 0, 1, closed="neither")],
         "implicit_damping": [Interval(Real, 0, None, closed="left")],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+        "multi_step_loss": ["boolean", StrOptions({"auto"})],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
+        "validation_interval": [Interval(Integral, 1, None, closed="left"), None],
         "task_chunk_size": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "dtype": [StrOptions({"float32", "float64"})],
@@ -86,6 +90,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
 
     def _after_fit(self, model):
         """Hook for subclasses to store derived fitted attributes."""
+
+    def _validation_score(self, X, y):  # pragma: no cover - abstract
+        """Meta-validation score of this fitted estimator on one task's query rows (higher is better)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------- helpers
     def _setup_torch(self):
@@ -222,9 +230,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
     def _meta_fit_inputs(self, X, y, groups):
         """Validated data and the engine's inputs of meta-training.
 
-        Returns ``(X, y, labels, (model, support, query, generator))``: ``y``
-        transformed per task, the task labels, the support and query rows of every
-        task as torch batches, and the CPU generator of the outer loop.
+        Returns ``(X, y, labels, (model, support, query, generator, validation))``:
+        ``y`` transformed per task, the labels of the training tasks, the support
+        and query rows of every training task as torch batches, the CPU generator of
+        the outer loop, and the held-out tasks' :class:`MetaValidation` (or None).
         """
         X, y = self._validate_task_data(X, y, reset=True)
         labels, index = check_groups(groups, X.shape[0])
@@ -235,11 +244,36 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         # The outer generator stays on the CPU (task sampling, per-iteration seeds); the
         # Monte Carlo noise itself is drawn on `device` from seeds it hands out.
         generator = _torch.make_generator(_torch.seed_from_random_state(rng), "cpu")
+        validation = None
+        if hasattr(self, "validation_tasks_"):
+            del self.validation_tasks_
+        if self.validation_fraction is not None:
+            labels, index, validation = self._hold_out_validation(model, X, y, labels, index, rng)
         support_idx, query_idx = self._support_query(model, index, rng)
         y = self._transform_meta_targets(y, support_idx, query_idx)
         support = self._to_tasks(X, y, support_idx)
         query = self._to_tasks(X, y, query_idx)
-        return X, y, labels, (model, support, query, generator)
+        return X, y, labels, (model, support, query, generator, validation)
+
+    def _hold_out_validation(self, model, X, y, labels, index, rng):
+        """Split off ``validation_fraction`` of the tasks for :class:`MetaValidation`."""
+        n_tasks = len(index)
+        n_val = max(1, int(round(self.validation_fraction * n_tasks)))
+        if n_tasks - n_val < 2:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} holds out {n_val} of the "
+                f"{n_tasks} tasks, leaving {n_tasks - n_val} to meta-train on; meta_fit needs at "
+                "least 2. Use more tasks or a smaller validation_fraction (or None)."
+            )
+        perm = rng.permutation(n_tasks)
+        val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_support, val_query = self._support_query(model, [index[i] for i in val], rng)
+        tasks = [(X[s], None if y is None else y[s], X[q], None if y is None else y[q])
+                 for s, q in zip(val_support, val_query)]
+        interval = self.validation_interval or max(1, self.max_meta_iter // 10)
+        validation = MetaValidation(self, tasks, int(rng.randint(0, 2**31 - 1)), interval)
+        self.validation_tasks_ = labels[val]
+        return labels[train], [index[i] for i in train], validation
 
     # ------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)

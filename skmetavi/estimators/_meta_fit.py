@@ -136,9 +136,11 @@ class MetaFitMixin:
             batch_size=self.batch_size, generator=generator, max_grad_norm=self.max_grad_norm,
             task_chunk_size=self.task_chunk_size, implicit_steps=self.implicit_max_iter,
             implicit_tol=self.implicit_tol, implicit_damping=self.implicit_damping,
+            multi_step_loss=(self.meta_learn_init if self.multi_step_loss == "auto"
+                             else self.multi_step_loss),
         )
 
-    def _meta_fit(self, model, support, query, generator, labels, *, checkpoint,
+    def _meta_fit(self, model, support, query, generator, validation, labels, *, checkpoint,
                   checkpoint_every, fingerprint):
         """Algorithms 1 and 2 on torch tasks, in the shared training loop."""
         warm = self.warm_start and hasattr(self, "_meta_state")
@@ -146,6 +148,8 @@ class MetaFitMixin:
         trainer = self._meta_trainer(model, support, query, generator, divergence)
         if warm:
             self._load_meta_state(trainer, labels)
+            if validation is not None and self._meta_state.get("validation") is not None:
+                validation.load_state_dict(self._meta_state["validation"], trainer.divergence)
         # This call runs until outer iteration `target` (warm_start adds max_meta_iter).
         target = trainer.n_iter + self.max_meta_iter
         if checkpoint is not None:
@@ -163,12 +167,18 @@ class MetaFitMixin:
                         "over, or pass another checkpoint path."
                     ) from exc
                 target = start.get("target_iter", target)
+                if validation is not None and start.get("validation") is not None:
+                    validation.load_state_dict(start["validation"], trainer.divergence)
 
         def save():
-            _checkpoint.save(checkpoint, {**trainer.state_dict(), "target_iter": target},
-                             fingerprint)
+            state = {**trainer.state_dict(), "target_iter": target}
+            if validation is not None:
+                state["validation"] = validation.state_dict()
+            _checkpoint.save(checkpoint, state, fingerprint)
 
         def after_step(_):
+            if validation is not None and validation.due(trainer.n_iter, trainer.n_iter == target):
+                validation.evaluate(trainer)
             if checkpoint is not None and trainer.n_iter % checkpoint_every == 0:
                 save()
 
@@ -187,7 +197,7 @@ class MetaFitMixin:
         )
         if checkpoint is not None and not result.in_step:
             save()
-        self._store_meta_state(trainer, labels)
+        self._store_meta_state(trainer, labels, validation)
         if result.interrupted:
             where = (
                 f"the checkpoint {str(checkpoint)!r} holds the last completed checkpoint "
@@ -218,12 +228,28 @@ class MetaFitMixin:
         h.update(repr(sorted((k, _stable_repr(v)) for k, v in params.items())).encode())
         return h.hexdigest()
 
-    def _store_meta_state(self, trainer, labels):
+    def _store_meta_state(self, trainer, labels, validation=None):
         self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
         if trainer.learn_init:
             self.meta_init_ = _tree.to_device(trainer.init_params, "cpu")
         elif hasattr(self, "meta_init_"):
             del self.meta_init_
+        for name in ("validation_scores_", "validation_kl_scores_", "validation_iterations_",
+                     "best_validation_score_", "best_meta_iter_", "validation_choice_"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if validation is not None and validation.best is not None:
+            # The candidate that adapted best to the held-out tasks (KL included).
+            best = validation.best
+            self.meta_divergence_ = copy.deepcopy(best["divergence"]).to("cpu")
+            if best["init"] is not None:
+                self.meta_init_ = _tree.to_device(best["init"], "cpu")
+            self.validation_iterations_ = np.asarray(validation.iterations)
+            self.validation_scores_ = np.asarray(validation.scores, dtype=float)
+            self.validation_kl_scores_ = np.asarray(validation.kl_scores, dtype=float)
+            self.best_validation_score_ = best["score"]
+            self.best_meta_iter_ = best["iteration"]
+            self.validation_choice_ = best["kind"]
         self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
         self.n_meta_iter_ = trainer.n_iter
         self.meta_tasks_ = labels
@@ -231,6 +257,7 @@ class MetaFitMixin:
         # like all fitted state (the meta-optimiser's Adam moments live on `device`).
         self._meta_state = trainer.state_dict()
         self._meta_state["learn_init"] = trainer.learn_init
+        self._meta_state["validation"] = None if validation is None else validation.state_dict()
 
     def _load_meta_state(self, trainer, labels):
         state = self._meta_state
