@@ -3,7 +3,7 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
-from skmetavi.divergences import KL, FDivergence, NeuralF, Renyi, TailAdaptive
+from skmetavi.divergences import KL, FDivergence, LocalRenyi, NeuralF, Renyi, TailAdaptive
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI
 
 __version__ = "0.1.0.dev0"
@@ -11,6 +11,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "KL",
     "FDivergence",
+    "LocalRenyi",
     "MetaBNNRegressor",
     "MetaDivergenceVI",
     "NeuralF",

@@ -93,13 +93,16 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
     var_keys = tuple(model.variational_keys)
     model_keys = [k for k in params if k not in var_keys]
     z = model.rsample(params, tasks, eps)
-    log_p = model.log_p(params, tasks, z)  # (M, S, K)
+    log_p = None if divergence.local else model.log_p(params, tasks, z)  # (M, S, K)
     if divergence.path_derivative:
         log_q = model.log_q(params, tasks, z)  # z-dependence needed for d/dz
     else:
         # Same function of phi as log q(r_phi(eps)), all derivatives included,
         # without elementwise work on the particles.
         log_q = model.log_q_reparameterised(params, tasks, eps)
+    if divergence.local:
+        return _local_direction(model, divergence, params, tasks, z, log_q,
+                                create_graph=create_graph)
     log_w = log_p - log_q  # (M, S, K)
     site_w = model.site_weights(tasks)  # (M, S) or None (one site of weight one)
     site_ok = torch.isfinite(log_w).all(-1)  # (M, S)
@@ -159,6 +162,57 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
             bound = bound[:, 0]
         else:
             bound = (torch.where(site_w != 0, bound, torch.zeros_like(bound)) * site_w).sum(-1)
+    return direction, StepStats(bound.detach(), finite)
+
+
+def check_local_divergence(model, divergence):
+    """Raise ``TypeError`` unless ``model`` splits ``log_p`` into prior and per-row terms.
+
+    A target with ``has_likelihood`` promises ``log_joint = log_prior + sum_n
+    lik_scale * log_likelihood_n`` (a ``log_joint`` override may only be faster).
+    """
+    if not (getattr(model, "has_likelihood", False) and hasattr(model, "log_likelihood")
+            and hasattr(model, "log_prior")):
+        raise TypeError(
+            f"{type(divergence).__name__} weights each likelihood term separately, so it "
+            "needs a model with a per-row likelihood (a skmetavi.models.Target with "
+            f"has_likelihood=True, e.g. MetaBNNRegressor's BNN); got {model!r}. Use "
+            "Renyi for a target given only as a joint log density."
+        )
+
+
+def _local_direction(model, divergence, params, tasks, z, log_q, *, create_graph):
+    """:func:`inner_direction` for a local divergence (black-box alpha, per row).
+
+    ``log w_k = log p_0(z_k) - log q(z_k) + sum_n c_n log p(y_n | z_k)``; the rows'
+    terms get per-row weights ``divergence.particle_weights`` over particles, the
+    rest the ELBO's ``1 / K``.
+    """
+    check_local_divergence(model, divergence)
+    log_lik = model.log_likelihood(params, tasks, z)  # (M, 1, K, n)
+    row_w = (tasks.mask.to(log_lik.dtype) * tasks.lik_scale.unsqueeze(-1)).unsqueeze(1)
+    real = (row_w != 0).unsqueeze(-2)  # (M, 1, 1, n)
+    log_lik = torch.where(real, log_lik, torch.zeros_like(log_lik))
+    log_rest = model.log_prior(params, tasks, z) - log_q  # (M, 1, K)
+    log_w = log_rest + (row_w.unsqueeze(-2) * log_lik).sum(-1)  # (M, 1, K)
+    finite = torch.isfinite(log_w).all(-1).all(-1)  # (M,)
+    keep = finite.view(-1, 1, 1, 1)
+    rows = torch.where(keep, log_lik, torch.zeros_like(log_lik)).transpose(-1, -2)  # (M,1,n,K)
+    w_lik = divergence.particle_weights(rows).transpose(-1, -2) * row_w.unsqueeze(-2)
+    w_lik = torch.where(keep, w_lik, torch.zeros_like(w_lik))
+    w_rest = torch.where(keep[..., 0], torch.full_like(log_rest, 1.0 / log_rest.shape[-1]),
+                         torch.zeros_like(log_rest))
+    keys = list(params)
+    inputs = [params[k] for k in keys]
+    grads = torch.autograd.grad(
+        (log_lik, log_rest), inputs, grad_outputs=(w_lik, w_rest), create_graph=create_graph,
+        allow_unused=True,
+    )
+    direction = dict(zip(keys, zeros_for_none(grads, inputs)))
+    for g in direction.values():
+        finite = finite & _per_task(g)
+    with torch.no_grad():
+        bound = divergence.local_bound(rows, row_w, log_rest)[:, 0]  # (M,)
     return direction, StepStats(bound.detach(), finite)
 
 

@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from skmetavi import MetaBNNRegressor, MetaDivergenceVI
 from skmetavi.datasets import make_mog_tasks, make_sinusoid_tasks
@@ -81,3 +82,52 @@ def test_fit_after_a_learned_init_adapts_as_it_was_trained():
     # Without a learned init, "auto" is the default number of epochs.
     plain = MetaBNNRegressor("kl", **FAST).fit(X[g == 0], y[g == 0])
     assert plain.n_iter_ == MetaBNNRegressor.DEFAULT_MAX_ITER
+
+
+def test_a_learned_init_adapts_with_the_optimiser_it_was_trained_with():
+    """inner_optimizer="auto": SGD through Algorithm 2 and fit from its init, Adam otherwise;
+    an explicit choice is kept."""
+    X, y, g = make_sinusoid_tasks(4, 30, random_state=0)
+    est = MetaBNNRegressor("kl", meta_learn_init=True, n_inner_steps=2, max_meta_iter=2, **FAST)
+    assert repr(est._inner_optimizer(True)) == "SGD(lr=0.0003)"
+    assert est._inner_optimizer(False).name == "adam"
+    est.meta_fit(X, y, groups=g)
+    # One SGD step is lr times the direction: its size varies across coordinates.  A fresh
+    # Adam's first step moves every coordinate with a non-zero gradient by exactly lr.
+    start = torch.cat([v.flatten() for v in est.meta_init_.values()])
+
+    def first_step():
+        moved = est.fit(X[g == 0], y[g == 0]).variational_params_
+        delta = (torch.cat([moved[k].flatten() for k in est.meta_init_]) - start).abs()
+        return delta[delta > 1e-7]
+
+    est.set_params(max_iter=1)
+    sgd = first_step()
+    assert float(sgd.max()) > 20 * float(sgd.median())
+    est.set_params(inner_optimizer="adam", inner_lr=0.01)
+    adam = first_step()
+    np.testing.assert_allclose(adam.numpy(), 0.01, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode, pooled", [("auto", True), ("pooled", True), ("task", False),
+                                          (True, False)])
+def test_normalize_y_pooled_uses_the_meta_training_population(mode, pooled):
+    """A learned init models the population in its units: a 3-row task is not rescaled by
+    its own (meaningless) standard deviation."""
+    X, y, g = make_sinusoid_tasks(6, 20, random_state=0)
+    y = y + 10.0 * g  # task means differ: pooled and per-task statistics differ
+    est = MetaBNNRegressor("kl", meta_learn_init=True, n_inner_steps=1, max_meta_iter=1,
+                           normalize_y=mode, **FAST).meta_fit(X, y, groups=g)
+    Xa, ya = X[g == 5][:3], y[g == 5][:3]
+    est.set_params(max_iter=0).fit(Xa, ya)
+    if pooled:
+        # The support rows of every meta-training task (query_fraction=0.5 keeps 10 of 20).
+        assert est._y_mean == pytest.approx(np.mean(y), abs=3.0)
+        assert est._y_std == pytest.approx(np.std(y), rel=0.2)
+        assert est._y_std > 2 * np.std(ya)
+    else:
+        assert est._y_mean == pytest.approx(np.mean(ya))
+        assert est._y_std == pytest.approx(np.std(ya))
+    # A fit without any meta-training is standardised by its own statistics.
+    plain = MetaBNNRegressor("kl", normalize_y=mode, max_iter=1, **FAST).fit(Xa, ya)
+    assert plain._y_mean == pytest.approx(np.mean(ya))

@@ -58,15 +58,16 @@ def test_algorithm2_with_adam_and_one_inner_step_warns():
 
 
 def test_the_defaults_meta_learn_alpha():
-    """Algorithm 1 (the default) with the default Adam: each task's state persists, so only
-    its first visit is cold; alpha leaves its start.  Algorithm 2 with SGD learns it too."""
+    """Algorithm 1 (the default) with Adam ("auto"): each task's state persists, so only its
+    first visit is cold; alpha leaves its start.  Algorithm 2 ("auto": SGD) learns it too."""
     X, g = make_mog_tasks(32, random_state=0)
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", max_meta_iter=150,
                            random_state=0).meta_fit(X, groups=g)
-    assert est.inner_optimizer == "adam" and not est.meta_learn_init
+    assert est._inner_optimizer(est.meta_learn_init).name == "adam"
     assert abs(est.meta_divergence_.alpha - 0.5) > 0.05
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", meta_learn_init=True,
-                           inner_optimizer="sgd", max_meta_iter=100, random_state=0)
+                           max_meta_iter=100, random_state=0)
+    assert est._inner_optimizer(True).name == "sgd"
     assert abs(est.meta_fit(X, groups=g).meta_divergence_.alpha - 0.5) > 0.1
 
 

@@ -136,7 +136,8 @@ CASES = [
     ("vi-n-particles-zero", lambda ns: vi(n_particles=0).fit(ONES), ValueError,
      r"'n_particles' parameter .* must be an int in the range \[1, inf\)\. Got 0 instead"),
     ("vi-inner-lr-zero", lambda ns: vi(inner_lr=0.0).fit(ONES), ValueError,
-     r"'inner_lr' parameter .* in the range \(0\.0, inf\)\. Got 0\.0 instead"),
+     r"'inner_lr' parameter .* in the range \(0\.0, inf\) or a str among \{'auto'\}\. "
+     r"Got 0\.0 instead"),
     ("vi-meta-lr-negative", lambda ns: vi(meta_lr=-0.1).fit(ONES), ValueError,
      r"'meta_lr' parameter .* in the range \(0\.0, inf\)\. Got -0\.1 instead"),
     ("vi-max-iter-negative", lambda ns: vi(max_iter=-1).fit(ONES), ValueError,
@@ -374,7 +375,7 @@ CASES = [
     ("neural-f-activation", lambda ns: NeuralF(activation="sigmoid"), ValueError,
      r"activation must be one of \['elu', 'relu', 'softplus', 'tanh'\], got 'sigmoid'"),
     ("make-divergence-unknown", lambda ns: make_divergence("alpha"), ValueError,
-     r"Unknown divergence 'alpha'; valid names are \['kl', 'renyi', 'neural_f', "
+     r"Unknown divergence 'alpha'; valid names are \['kl', 'renyi', 'local_renyi', 'neural_f', "
      r"'tail_adaptive', 'f'\]"),
     ("make-divergence-type", lambda ns: make_divergence(0.5), TypeError,
      r"divergence must be one of \['kl', .*\] or a skmetavi\.divergences\.Divergence "

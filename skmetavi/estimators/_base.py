@@ -47,8 +47,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "divergence": [StrOptions(set(DIVERGENCE_NAMES)), HasMethods(["particle_weights"])],
         "n_particles": [Interval(Integral, 1, None, closed="left")],
-        "inner_optimizer": [StrOptions(set(INNER_OPTIMIZERS))],
-        "inner_lr": [Interval(Real, 0, None, closed="neither")],
+        "inner_optimizer": [StrOptions(set(INNER_OPTIMIZERS) | {"auto"})],
+        "inner_lr": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "meta_lr": [Interval(Real, 0, None, closed="neither")],
         "init_lr": [Interval(Real, 0, None, closed="neither")],
@@ -150,6 +150,23 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
 
     #: Epochs of ``fit`` with ``max_iter="auto"`` when there is no learned initialisation.
     DEFAULT_MAX_ITER = 200
+    #: ``inner_lr="auto"`` per inner optimiser.
+    DEFAULT_INNER_LR = {"adam": 0.01, "sgd": 3e-4}
+
+    def _inner_optimizer(self, learned_init):
+        """The inner optimiser: ``"auto"`` is SGD with a learned initialisation, else Adam.
+
+        With a learned initialisation (Algorithm 2) every task restarts the inner
+        optimiser: a fresh Adam's first step, ``lr * sign(direction)``, hides the
+        divergence from the meta-gradient and takes the same step whatever the
+        amount of data, while SGD's steps are linear in the direction (the paper's
+        update) and shrink with the data, as a prior's pull should.
+        """
+        name = self.inner_optimizer
+        if name == "auto":
+            name = "sgd" if learned_init else "adam"
+        lr = self.DEFAULT_INNER_LR[name] if self.inner_lr == "auto" else self.inner_lr
+        return make_optimizer(name, lr)
 
     def _n_steps(self, tasks):
         """Inner iterations of ``fit`` per task (M,).
@@ -393,7 +410,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         tasks = self._pad([X for X, _ in data], None if ys[0] is None else ys)
         params = self._start_params(model, tasks, gens, warm)
         budget = self._n_steps(tasks) if n_steps is None else torch.full((len(data),), n_steps)
-        optimizer = make_optimizer(self.inner_optimizer, self.inner_lr)
+        optimizer = self._inner_optimizer(hasattr(self, "meta_init_"))
         state = optimizer.init(params, local=tuple(model.local_keys))
         run = VIRun(model, self._adaptation_divergence(), optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
@@ -478,7 +495,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         result = train_loop(
             step, int(budget.max()), verbose=self.verbose, desc="fit", value_name="loss",
             settings=lambda: (
-                f"inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr!r}, "
+                f"inner_optimizer={run.optimizer.name!r}, inner_lr={run.optimizer.lr!r}, "
                 f"n_particles={self.n_particles!r}, divergence={run.divergence!r}"
             ),
         )

@@ -56,12 +56,16 @@ class MetaDivergenceVI(_BaseMetaVI):
         initial (learnable) divergence of :meth:`meta_fit`.
     n_particles : int, default=100
         Monte Carlo particles K per inner step.
-    inner_optimizer : {"adam", "sgd"}, default="adam"
+    inner_optimizer : {"auto", "adam", "sgd"}, default="auto"
         Inner-loop optimiser, used by both :meth:`fit` and :meth:`meta_fit`.
         The paper's algorithms use SGD; Adam is robust to the scale of the
-        target.
-    inner_lr : float, default=0.05
-        Inner step size (beta in Algorithms 1 and 2).
+        target.  ``"auto"``: SGD with a learned initialisation
+        (``meta_learn_init=True``, and :meth:`fit` from ``meta_init_``), whose
+        every task restarts the optimiser -- a fresh Adam's first step, ``lr *
+        sign(direction)``, gives the divergence no meta-gradient -- and Adam
+        otherwise.
+    inner_lr : float or "auto", default="auto"
+        Inner step size (beta in Algorithms 1 and 2); ``"auto"``: 0.05.
     max_iter : int or "auto", default="auto"
         Inner iterations of :meth:`fit` (epochs when ``batch_size`` is set).
         ``"auto"``: 500, or after :meth:`meta_fit` with ``meta_learn_init=True``
@@ -243,6 +247,7 @@ class MetaDivergenceVI(_BaseMetaVI):
     """
 
     DEFAULT_MAX_ITER = 500
+    DEFAULT_INNER_LR = {"adam": 0.05, "sgd": 0.05}
 
     _parameter_constraints = {
         **_BaseMetaVI._parameter_constraints,
@@ -265,8 +270,8 @@ class MetaDivergenceVI(_BaseMetaVI):
         family="mean_field",
         divergence="kl",
         n_particles=100,
-        inner_optimizer="adam",
-        inner_lr=0.05,
+        inner_optimizer="auto",
+        inner_lr="auto",
         max_iter="auto",
         init_loc=0.0,
         init_scale=1.0,

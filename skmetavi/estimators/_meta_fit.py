@@ -18,7 +18,6 @@ import numpy as np
 
 from skmetavi import _checkpoint, _tree
 from skmetavi._bilevel import CallableMetaLoss, MetaTrainer, PredictiveNLL, QuadratureLoss
-from skmetavi._optim import make_optimizer
 from skmetavi._validation import _stable_repr
 from skmetavi.estimators._loop import train_loop
 
@@ -126,7 +125,7 @@ class MetaFitMixin:
     def _meta_trainer(self, model, support, query, generator, divergence):
         """The engine's outer loop for these tasks and this estimator's settings."""
         return MetaTrainer(
-            model, divergence, make_optimizer(self.inner_optimizer, self.inner_lr),
+            model, divergence, self._inner_optimizer(self.meta_learn_init),
             self._make_meta_loss(model, support), support, query,
             init_params=model.init_params(support, generator=generator),
             learn_init=self.meta_learn_init,

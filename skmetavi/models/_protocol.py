@@ -391,6 +391,28 @@ class GlobalLatent(LatentModel):
         """
         return self.target.log_likelihood(self._particles(z), tasks, params).unsqueeze(1)
 
+    def log_prior(self, params, tasks, z):
+        """The target's ``log_prior`` at the particles, shape (M, 1, K).
+
+        With :meth:`log_likelihood`, the split of ``log_p`` that local divergences
+        (:class:`~skmetavi.divergences.LocalRenyi`) weight term by term.
+
+        Parameters
+        ----------
+        params : dict of str to torch.Tensor
+            Parameters.
+        tasks : TaskBatch
+            The tasks.
+        z : torch.Tensor of shape (M, 1, K, d)
+            Particles.
+
+        Returns
+        -------
+        log_prior : torch.Tensor of shape (M, 1, K)
+            ``log p_0(z_k)`` of each task's particles.
+        """
+        return self.target.log_prior(self._particles(z), params).unsqueeze(1)
+
     def distribution(self, params, tasks=None):
         """Each task's q as a ``torch.distributions.MultivariateNormal`` of batch shape (M,).
 
