@@ -104,12 +104,14 @@ class _Skmetavi:
                 interval_coverage(yq, mean, std, 0.9), float(np.sqrt(np.mean((yq - mean) ** 2))))
 
 
-def methods(max_meta_iter, seed):
+def methods(max_meta_iter, seed, validation_fraction=None):
     def gpr():
         kernel = ConstantKernel() * RBF(np.ones(10)) + WhiteKernel()
         return GaussianProcessRegressor(kernel, normalize_y=True, random_state=seed)
 
     common = dict(random_state=seed, max_meta_iter=max_meta_iter)
+    if validation_fraction:
+        common.update(validation_fraction=validation_fraction, validation_interval=20)
     alg2 = dict(meta_learn_init=True, n_inner_steps=5, **common)
 
     def bnn(div, **kw):
@@ -128,13 +130,13 @@ def methods(max_meta_iter, seed):
     }
 
 
-def run(max_meta_iter=400, seed=0, only=None):
+def run(max_meta_iter=400, seed=0, only=None, validation_fraction=None):
     X, y, g = diabetes_tasks()
     results, seconds, learned = {}, {}, {}
     for fold, (train, test) in enumerate(GroupKFold(5).split(X, y, g)):
         Xs, Xq, ys, yq, gs, gq = support_query_split(X[test], y[test], g[test], support_size=0.5,
                                                      random_state=seed + fold)
-        for name, method in methods(max_meta_iter, seed).items():
+        for name, method in methods(max_meta_iter, seed, validation_fraction).items():
             if only and name not in only:
                 continue
             t0 = time.perf_counter()
@@ -145,8 +147,11 @@ def run(max_meta_iter=400, seed=0, only=None):
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
             est = getattr(method, "est", None)
             alpha = getattr(getattr(est, "meta_divergence_", None), "alpha", None)
-            if alpha is not None:
-                learned.setdefault(name, []).append(round(alpha, 3))
+            if hasattr(getattr(est, "divergence", None), "alpha"):
+                learned.setdefault(name, []).append(None if alpha is None else round(alpha, 3))
+            if getattr(est, "validation_choice_", None) is not None:
+                learned.setdefault(name + " kept", []).append(
+                    f"{est.validation_choice_}@{est.best_meta_iter_}")
     table = {}
     for name, rows in results.items():
         rows = np.array(rows)
@@ -156,6 +161,8 @@ def run(max_meta_iter=400, seed=0, only=None):
                        "per-task LL": rows[:, 0].round(3).tolist()}
         if name in learned:
             table[name]["learned alpha per fold"] = learned[name]
+        if name + " kept" in learned:
+            table[name]["kept by meta-validation"] = learned[name + " kept"]
     return table
 
 
@@ -165,18 +172,20 @@ def main(argv=None):
     parser.add_argument("--max-meta-iter", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--validation-fraction", type=float, default=None,
+                        help="meta-validation: hold out this fraction of the training tasks")
     args = parser.parse_args(argv)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     warnings.simplefilter("ignore", category=UserWarning)  # GPR's kernel-bound notes
-    table = run(args.max_meta_iter, args.seed, args.only)
+    table = run(args.max_meta_iter, args.seed, args.only, args.validation_fraction)
     print(f"1-minute load at start: {load}")
     print(f"{'method':24s} {'test LL':>16s} {'cov90':>12s} {'RMSE':>14s} {'s':>6s}")
     for name, r in table.items():
         print(f"{name:24s} {r['test LL'][0]:8.3f} ± {r['test LL'][1]:.3f} "
               f"{r['coverage 90'][0]:5.2f} ± {r['coverage 90'][1]:.2f} "
               f"{r['RMSE'][0]:6.1f} ± {r['RMSE'][1]:.1f} {r['seconds']:6.0f}  "
-              f"{r.get('learned alpha per fold', '')}")
+              f"{r.get('learned alpha per fold', '')} {r.get('kept by meta-validation', '')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load": load, "max_meta_iter": args.max_meta_iter, "seed": args.seed,

@@ -171,13 +171,26 @@ def check_local_divergence(model, divergence):
     A target with ``has_likelihood`` promises ``log_joint = log_prior + sum_n
     lik_scale * log_likelihood_n`` (a ``log_joint`` override may only be faster).
     """
-    if not (getattr(model, "has_likelihood", False) and hasattr(model, "log_likelihood")
-            and hasattr(model, "log_prior")):
+    from skmetavi.models._protocol import GlobalLatent  # the models import this module's users
+    from skmetavi.models._targets import Target
+
+    name = type(divergence).__name__
+    if divergence.path_derivative:
+        raise TypeError(f"{name} has path_derivative=True, which local divergences do not "
+                        "support: their direction is the total derivative of each term.")
+    target = getattr(model, "target", None)
+    if not (isinstance(model, GlobalLatent) and model.has_likelihood):
         raise TypeError(
-            f"{type(divergence).__name__} weights each likelihood term separately, so it "
-            "needs a model with a per-row likelihood (a skmetavi.models.Target with "
-            f"has_likelihood=True, e.g. MetaBNNRegressor's BNN); got {model!r}. Use "
-            "Renyi for a target given only as a joint log density."
+            f"{name} weights each likelihood term separately, so it needs a model with one "
+            "global latent and a per-row likelihood (a skmetavi.models.Target with "
+            f"has_likelihood=True, e.g. MetaBNNRegressor's BNN); got {model!r}. Use Renyi "
+            "for a target given only as a joint log density or for models with local latents."
+        )
+    if type(target).log_prior is Target.log_prior:
+        raise TypeError(
+            f"{name} splits log p(z, D) into log_prior plus the rows' log_likelihood, but "
+            f"{type(target).__name__} defines no log_prior. Implement log_prior (with "
+            "log_joint = log_prior + the sum of log_likelihood), or use Renyi."
         )
 
 

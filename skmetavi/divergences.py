@@ -300,18 +300,21 @@ class Renyi(Divergence):
     [0.2689, 0.7311]
     """
 
+    _SMALL_ALPHA_HINT = "approaches the importance-weighted (IWAE) bound."
+
     def __init__(self, alpha=0.5, *, learnable=True):
         super().__init__()
+        name = type(self).__name__
         _check_positive_real(
             "alpha",
             alpha,
-            "Renyi",
+            name,
             " Use e.g. alpha=0.5; alpha=1 is KL(q||p) and a small alpha such as 1e-3 "
-            "approaches the importance-weighted (IWAE) bound.",
+            + self._SMALL_ALPHA_HINT,
         )
         if not isinstance(learnable, bool):
             raise TypeError(
-                f"Renyi: learnable must be a bool, got {learnable!r}; pass True to "
+                f"{name}: learnable must be a bool, got {learnable!r}; pass True to "
                 "meta-learn alpha or False to keep it fixed."
             )
         raw = torch.tensor(_inverse_softplus(float(alpha)), dtype=torch.float64)
@@ -382,12 +385,12 @@ class Renyi(Divergence):
 
 
 class LocalRenyi(Renyi):
-    """Local (per-data-point) alpha-energy: black-box alpha / power EP, alpha learnable.
+    """Local (per-data-point) alpha-energy, the reparameterised black-box alpha; alpha learnable.
 
     :class:`Renyi` tilts the whole joint: with many likelihood terms the log
-    weights ``l_k`` of K particles spread over hundreds of nats and the weights
-    ``softmax((1 - alpha) l)`` become one-hot for any ``alpha != 1``.  The local
-    energy of Hernández-Lobato et al. (2016) tilts each likelihood term instead,
+    weights ``l_k`` of K particles spread over tens to hundreds of nats and the
+    weights ``softmax((1 - alpha) l)`` become one-hot for any ``alpha != 1``.
+    The local energy tilts each likelihood term instead,
 
     .. math::
 
@@ -395,18 +398,25 @@ class LocalRenyi(Renyi):
         \\log \\mathbb{E}_q\\big[p(y_n \\mid x_n, z)^{1-\\alpha}\\big]
         - \\mathrm{KL}(q \\,\\|\\, p_0),
 
-    whose reparameterised gradient gives row ``n`` its own particle weights
-    ``softmax_k((1 - alpha) log p(y_n | x_n, z_k))`` -- one row's log-likelihood
-    spreads over a few nats, so the weights do not collapse -- and the prior
-    term the uniform weights of the ELBO.  ``alpha = 1`` is KL(q||p) exactly;
-    ``alpha = 0.5`` is black-box alpha's recommended ``alpha_BB = 0.5``
-    (``alpha_BB = 1 - alpha``); ``alpha -> 0`` approaches expectation
-    propagation's moment matching.  The same convention as :class:`Renyi`, so a
-    meta-learner started at ``alpha = 1`` starts from standard VI.
+    the black-box alpha objective in the reparameterised form of Li and Gal
+    (2017), an approximation of the energy of Hernández-Lobato et al. (2016)
+    with ``alpha_BB = 1 - alpha``.  Its reparameterised gradient gives row ``n``
+    its own particle weights ``softmax_k((1 - alpha) log p(y_n | x_n, z_k))``
+    -- one row's log-likelihood spreads over a few nats, so the weights do not
+    collapse -- and the prior and entropy terms the uniform weights of the ELBO.
+    ``alpha = 1`` is KL(q||p) exactly; ``alpha = 0.5`` is black-box alpha's
+    recommended ``alpha_BB = 0.5``; ``alpha -> 0`` maximises each row's
+    predictive likelihood under q, minus ``KL(q || p_0)``.  The convention is
+    :class:`Renyi`'s, so a meta-learner started at ``alpha = 1`` starts from
+    standard VI.
 
-    It needs a model with a per-row likelihood (a
-    :class:`~skmetavi.models.Target` with ``has_likelihood = True``, such as the
-    BNN of :class:`~skmetavi.MetaBNNRegressor`).
+    It needs a model with one global latent and a per-row likelihood (a
+    :class:`~skmetavi.models.Target` with ``has_likelihood = True`` and its own
+    ``log_prior``, such as the BNN of :class:`~skmetavi.MetaBNNRegressor`), whose
+    ``log_joint`` is ``log_prior`` plus the rows' log-likelihoods.  The engine
+    evaluates it term by term: :meth:`surrogate` and :meth:`bound`, which only
+    see the joint, refuse; :meth:`particle_weights` takes one row's
+    log-likelihoods (..., n_particles).
 
     Parameters
     ----------
@@ -428,6 +438,8 @@ class LocalRenyi(Renyi):
     ----------
     .. [1] Hernández-Lobato, J. M., Li, Y., Rowland, M., Bui, T., Hernández-Lobato,
        D. and Turner, R. E. "Black-box alpha divergence minimization", ICML 2016.
+    .. [2] Li, Y. and Gal, Y. "Dropout inference in Bayesian neural networks with
+       alpha-divergences", ICML 2017.
 
     Examples
     --------
@@ -440,9 +452,23 @@ class LocalRenyi(Renyi):
     """
 
     local = True
+    _SMALL_ALPHA_HINT = "weights each row's predictive likelihood under q."
 
     def __init__(self, alpha=0.5, *, learnable=True):
         super().__init__(alpha, learnable=learnable)
+
+    def _joint_only(self, what):
+        raise TypeError(
+            f"LocalRenyi.{what} is not defined on the joint log weights: the local energy "
+            "needs each row's log-likelihood. The estimators and the engine evaluate it term "
+            "by term (see local_bound); use Renyi for a joint-only objective."
+        )
+
+    def surrogate(self, log_p, log_q):  # noqa: D102 - see _joint_only
+        self._joint_only("surrogate")
+
+    def bound(self, log_p, log_q):  # noqa: D102 - see _joint_only
+        self._joint_only("bound")
 
     def local_bound(self, log_lik, row_weights, log_rest):
         """The local alpha-energy's Monte Carlo estimate (higher is better).
@@ -463,7 +489,7 @@ class LocalRenyi(Renyi):
             ``sum_n c_n VR_alpha(log_lik_n) + mean_k log_rest_k``; the ELBO at
             ``alpha = 1``.
         """
-        per_row = Renyi.bound(self, log_lik, torch.zeros_like(log_lik))
+        per_row = super().bound(log_lik, torch.zeros_like(log_lik))
         per_row = torch.where(row_weights != 0, per_row, torch.zeros_like(per_row))
         return (row_weights * per_row).sum(-1) + log_rest.mean(-1)
 

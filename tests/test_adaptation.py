@@ -131,3 +131,30 @@ def test_normalize_y_pooled_uses_the_meta_training_population(mode, pooled):
     # A fit without any meta-training is standardised by its own statistics.
     plain = MetaBNNRegressor("kl", normalize_y=mode, max_iter=1, **FAST).fit(Xa, ya)
     assert plain._y_mean == pytest.approx(np.mean(ya))
+
+
+def test_pooled_scaling_survives_a_failed_meta_fit_and_follows_the_learned_init():
+    """The scaling meta_init_ was trained in is fitted state: a meta_fit that fails keeps it,
+    a warm start keeps it, and fit uses it (with a warning if normalize_y now disagrees)."""
+    X, y, g = make_sinusoid_tasks(4, 20, random_state=0)
+    est = MetaBNNRegressor("kl", meta_learn_init=True, n_inner_steps=1, max_meta_iter=1,
+                           **FAST).meta_fit(X, y, groups=g)
+    stats = dict(est._meta_y_stats)
+    assert stats["mode"] == "pooled"
+    with pytest.raises(ValueError, match="needs an int random_state"):
+        est.set_params(random_state=None).meta_fit(X, 100 * y + 50, groups=g, checkpoint="c.pt")
+    assert est._meta_y_stats == stats
+    est.set_params(random_state=0, warm_start=True).meta_fit(X, 100 * y + 50, groups=g)
+    assert est._meta_y_stats == stats  # the continued init stays in its units
+    est.set_params(warm_start=False, normalize_y="task", max_iter=0)
+    with pytest.warns(UserWarning, match=r"meta-trained on targets scaled pooled; fit uses"):
+        est.fit(X[g == 0], y[g == 0])
+    assert est._y_mean == stats["mean"] and est._y_std == stats["std"]
+
+
+def test_normalize_y_accepts_numpy_booleans():
+    X, y, g = make_sinusoid_tasks(1, 10, random_state=0)
+    est = MetaBNNRegressor("kl", normalize_y=np.False_, max_iter=1, **FAST).fit(X, y)
+    assert (est._y_mean, est._y_std) == (0.0, 1.0)
+    est = MetaBNNRegressor("kl", normalize_y=np.True_, max_iter=1, **FAST).fit(X, y)
+    assert est._y_std == pytest.approx(np.std(y))

@@ -685,14 +685,15 @@ ENGINE_INTERNALS = {
 @pytest.mark.parametrize(
     "path",
     sorted((PACKAGE_DIR / "experiments").glob("*.py"))
-    + [PACKAGE_DIR.parent / "benchmarks" / "run.py"],
-    ids=lambda p: p.name if p.parent.name == "benchmarks" else f"experiments/{p.name}",
+    + [PACKAGE_DIR.parent / "benchmarks" / "run.py",
+       PACKAGE_DIR.parent / "benchmarks" / "real_tasks.py"],
+    ids=lambda p: f"benchmarks/{p.name}" if p.parent.name == "benchmarks" else f"experiments/{p.name}",
 )
 def test_experiments_and_benchmarks_use_the_estimators_not_the_engine(path):
     """One adaptation path: the reproductions and benchmarks go through the estimators."""
     if not path.exists():
         pytest.skip("benchmarks/ is not part of an installed package")
-    module = "benchmarks.run" if path.parent.name == "benchmarks" else _module_name(path)
+    module = f"benchmarks.{path.stem}" if path.parent.name == "benchmarks" else _module_name(path)
     imported = _imported_modules(path.read_text(encoding="utf-8"), module)
     owners = {_owning_module(n) for n in imported if n.startswith("skmetavi.")}
     assert owners & ENGINE_INTERNALS == set()

@@ -164,3 +164,43 @@ def test_meta_learning_moves_alpha_from_kl():
 def test_by_name():
     assert isinstance(make_divergence("local_renyi"), LocalRenyi)
     assert isinstance(make_divergence("local_renyi"), Renyi)  # same parameterisation of alpha
+
+
+def test_minibatch_rows_are_scaled_and_padding_ignored():
+    """Under minibatching each row's term counts N / batch times (lik_scale), in the direction
+    and in the bound: against autograd of the scaled local energy."""
+    from skmetavi._tasks import minibatch
+
+    problem, tasks, params = _regression(rows=(10, 7))
+    batch = minibatch(tasks, 4, torch.Generator().manual_seed(0))
+    assert batch.lik_scale.tolist() == [10 / 4, 7 / 4]
+    div = LocalRenyi(0.3).to(DT)
+    eps = torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(5), dtype=DT)
+    direction, stats = inner_direction(problem, div, params, batch, eps, create_graph=False)
+    z = problem.rsample(params, batch, eps)
+    log_lik = problem.log_likelihood(params, batch, z)[:, 0]  # (M, K, n)
+    rest = (problem.log_prior(params, batch, z) - problem.log_q(params, batch, z))[:, 0]
+    c = 1 - div.alpha
+    per_row = (torch.logsumexp(c * log_lik, 1) - math.log(6)) / c  # (M, n)
+    per_row = torch.where(batch.mask, per_row, torch.zeros_like(per_row))
+    energy = (batch.lik_scale.unsqueeze(-1) * per_row).sum(-1) + rest.mean(-1)
+    grads = torch.autograd.grad(energy.sum(), list(params.values()))
+    for k, g in zip(params, grads):
+        torch.testing.assert_close(direction[k], g, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.bound, energy.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_joint_only_uses_are_refused():
+    """The local energy is not a function of the joint log weights."""
+    with pytest.raises(TypeError, match=r"LocalRenyi.surrogate is not defined on the joint"):
+        LocalRenyi()(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(TypeError, match=r"LocalRenyi.bound is not defined on the joint"):
+        LocalRenyi().bound(torch.zeros(3), torch.zeros(3))
+
+
+def test_meta_fit_refuses_a_model_without_likelihood_before_any_work():
+    X, g = make_mog_tasks(4, random_state=0)
+    est = MetaDivergenceVI("gaussian_mixture", divergence=LocalRenyi(1.0), max_meta_iter=2)
+    with pytest.raises(TypeError, match=r"one global latent and a per-row likelihood"):
+        est.meta_fit(X, groups=g)
+    assert not hasattr(est, "meta_divergence_")

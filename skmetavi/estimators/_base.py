@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from skmetavi import _checkpoint, _torch, _tree
 from skmetavi._bilevel import GRADIENT_MODES, VIRun
+from skmetavi._inner import check_local_divergence
 from skmetavi._optim import INNER_OPTIMIZERS, make_optimizer
 from skmetavi._tasks import TaskGenerators, pad_tasks
 from skmetavi._validation import _check_random_state, check_groups
@@ -35,6 +36,8 @@ from skmetavi.models import GlobalLatent
 # Re-exported: the stable representation of parameters used by checkpoint fingerprints.
 from skmetavi._validation import _stable_repr  # noqa: F401
 
+
+_MISSING = object()
 
 class _BaseMetaVI(MetaFitMixin, BaseEstimator):
     """Common parameters, the fit template, batched adaptation and fitted-state handling.
@@ -160,7 +163,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         optimiser: a fresh Adam's first step, ``lr * sign(direction)``, hides the
         divergence from the meta-gradient and takes the same step whatever the
         amount of data, while SGD's steps are linear in the direction (the paper's
-        update) and shrink with the data, as a prior's pull should.
+        update), so a task with little data stays near the initialisation, as under
+        a prior.
         """
         name = self.inner_optimizer
         if name == "auto":
@@ -231,18 +235,30 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 f"checkpoint_every must be a positive int (outer iterations between "
                 f"checkpoints), got {checkpoint_every!r}; e.g. checkpoint_every=50."
             )
-        X, y, labels, inputs = self._meta_fit_inputs(X, y, groups)
-        fingerprint = None
-        if checkpoint is not None:
-            if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
-                raise ValueError(
-                    "meta_fit(checkpoint=...) needs an int random_state, so that a resumed run "
-                    "repeats the random draws of the interrupted one (the support/query split, "
-                    f"the task sampling); got random_state={self.random_state!r}."
-                )
-            fingerprint = self._fingerprint(X, y, groups)
-        return self._meta_fit(*inputs, labels, checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+        # The target scaling meta_fit trains in (MetaBNNRegressor.normalize_y) is set while
+        # the inputs are prepared; a meta_fit that fails keeps the previous fitted state,
+        # and that scaling with it.
+        units = self.__dict__.get("_meta_y_stats", _MISSING)
+        try:
+            X, y, labels, inputs = self._meta_fit_inputs(X, y, groups)
+            fingerprint = None
+            if checkpoint is not None:
+                rs = self.random_state
+                if isinstance(rs, bool) or not isinstance(rs, Integral):
+                    raise ValueError(
+                        "meta_fit(checkpoint=...) needs an int random_state, so that a resumed "
+                        "run repeats the random draws of the interrupted one (the support/query "
+                        f"split, the task sampling); got random_state={rs!r}."
+                    )
+                fingerprint = self._fingerprint(X, y, groups)
+            return self._meta_fit(*inputs, labels, checkpoint=checkpoint,
+                                  checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+        except BaseException:
+            if units is _MISSING:
+                self.__dict__.pop("_meta_y_stats", None)
+            else:
+                self._meta_y_stats = units
+            raise
 
     def _meta_fit_inputs(self, X, y, groups):
         """Validated data and the engine's inputs of meta-training.
@@ -412,7 +428,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         budget = self._n_steps(tasks) if n_steps is None else torch.full((len(data),), n_steps)
         optimizer = self._inner_optimizer(hasattr(self, "meta_init_"))
         state = optimizer.init(params, local=tuple(model.local_keys))
-        run = VIRun(model, self._adaptation_divergence(), optimizer, params, state, tasks,
+        divergence = self._adaptation_divergence()
+        if divergence.local:
+            check_local_divergence(model, divergence)  # before any work
+        run = VIRun(model, divergence, optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
                     batch_size=self.batch_size, budget=budget)
         return model, run, budget, extras

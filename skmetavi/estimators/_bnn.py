@@ -4,6 +4,7 @@
 # SPDX-License-Identifier: BSD-3-Clause
 
 import math
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -42,10 +43,12 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
 
     Parameters
     ----------
-    divergence : {"kl", "renyi", "neural_f", "tail_adaptive", "f"} or \
+    divergence : {"kl", "renyi", "local_renyi", "neural_f", "tail_adaptive", "f"} or \
             Divergence, default="kl"
         Divergence of :meth:`fit` without :meth:`meta_fit`, and the initial
-        (learnable) divergence of :meth:`meta_fit`.
+        (learnable) divergence of :meth:`meta_fit`.  ``"local_renyi"``
+        (:class:`~skmetavi.divergences.LocalRenyi`) tilts each row's likelihood
+        instead of the joint, so its weights do not collapse with many rows.
     hidden_layer_sizes : tuple of int, default=(50,)
         Hidden widths of the MLP.
     activation : {"relu", "tanh", "softplus", "elu"}, default="relu"
@@ -62,12 +65,14 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         and :meth:`fit` from ``meta_init_``), Adam otherwise.  A fresh Adam's
         first step, ``lr * sign(direction)``, gives the divergence no
         meta-gradient and moves a 3-row task as far as a 40-row one; SGD's steps
-        are linear in the direction and shrink with the data (measured on
+        are linear in the direction, so a task with little data moves little (measured on
         sinusoid tasks with 3 support rows, 100 steps from the learned
         initialisation: mean test log density -1.1 with SGD, -1.4e3 with Adam).
     inner_lr : float or "auto", default="auto"
-        Inner step size (beta); ``"auto"``: 0.01 for Adam, 3e-4 for SGD (on
-        standardised targets).
+        Inner step size (beta) of whichever optimiser ``inner_optimizer``
+        selects; ``"auto"``: 0.01 for Adam, 3e-4 for SGD (on standardised
+        targets).  A number tuned for one optimiser is usually wrong for the
+        other: set ``inner_optimizer`` too.
     max_iter : int or "auto", default="auto"
         Epochs of :meth:`fit` (passes over the task's rows in minibatches of
         ``batch_size``).  ``"auto"``: 200 epochs, or after :meth:`meta_fit`
@@ -91,7 +96,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         scale (measured, sinusoid tasks with 3 support rows, the learned
         initialisation's own predictions: mean test log density -0.8 pooled,
         -42 per task).  ``"auto"``: pooled with ``meta_learn_init=True``, per task
-        otherwise.  False: no standardisation.
+        otherwise.  False: no standardisation.  Without a :meth:`meta_fit`,
+        ``"pooled"`` has no population and scales by the task's own statistics;
+        after ``meta_fit(meta_learn_init=True)``, :meth:`fit` always uses the
+        scaling the learned initialisation was trained with (and warns if
+        ``normalize_y`` now says otherwise).
     n_predict_samples : int, default=100
         Weight samples of :meth:`predict`, :meth:`log_predictive_density` and
         :meth:`sample_y`.
@@ -369,25 +378,32 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     def _normalisation(self):
         """``None``, ``"task"`` or ``"pooled"``: how ``normalize_y`` standardises targets."""
         mode = self.normalize_y
-        if mode is False:
-            return None
+        if isinstance(mode, (bool, np.bool_)):
+            return "task" if mode else None
         if mode == "auto":
             return "pooled" if self.meta_learn_init else "task"
-        return "task" if mode is True else mode
+        return mode
 
     def _transform_meta_targets(self, y, support_idx, query_idx):
         mode = self._normalisation()
-        if hasattr(self, "_meta_y_stats"):
-            del self._meta_y_stats
+        previous = getattr(self, "_meta_y_stats", None)
+        warm = self.warm_start and hasattr(self, "_meta_state") and previous is not None
+        if warm and previous["mode"] == mode:
+            stats = previous  # a continued meta_fit keeps the units its state was trained in
+        elif mode == "pooled":
+            stats = dict(zip(("mean", "std"), self._standardise(y, np.concatenate(support_idx))))
+            stats["mode"] = mode
+        else:
+            stats = {"mode": mode}
+        # Set now, since meta-validation adapts through fit during meta_fit; meta_fit
+        # restores the previous value if it fails (see _BaseMetaVI.meta_fit).
+        self._meta_y_stats = stats
         if mode is None:
             return y
         y = np.array(y, dtype=float, copy=True)
         if mode == "pooled":
-            rows = np.concatenate(support_idx)
-            self._meta_y_stats = self._standardise(y, rows)
-            mean, std = self._meta_y_stats
             every = np.concatenate([*support_idx, *query_idx])
-            y[every] = (y[every] - mean) / std
+            y[every] = (y[every] - stats["mean"]) / stats["std"]
             return y
         for s, q in zip(support_idx, query_idx):
             rows = np.union1d(s, q)
@@ -397,10 +413,21 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
 
     def _fit_target_transform(self, y):
         mode = self._normalisation()
+        stats = getattr(self, "_meta_y_stats", None)
+        if hasattr(self, "meta_init_") and stats is not None:
+            if stats["mode"] != mode:
+                warnings.warn(
+                    f"normalize_y={self.normalize_y!r} scales targets {mode or 'not at all'}, "
+                    f"but the learned initialisation (meta_init_) was meta-trained on targets "
+                    f"scaled {stats['mode'] or 'not at all'}; fit uses the latter, the units "
+                    "meta_init_ is in. Call meta_fit again to change them.",
+                    UserWarning, stacklevel=4,
+                )
+            mode = stats["mode"]
         if mode is None:
             return y, {"_y_mean": 0.0, "_y_std": 1.0}
-        if mode == "pooled" and hasattr(self, "_meta_y_stats"):
-            mean, std = self._meta_y_stats  # the meta-training tasks' (see normalize_y)
+        if mode == "pooled" and stats is not None and stats["mode"] == "pooled":
+            mean, std = stats["mean"], stats["std"]  # the meta-training tasks' (see normalize_y)
         else:
             mean, std = self._standardise(y, slice(None))
         return (y - mean) / std, {"_y_mean": mean, "_y_std": std}

@@ -50,7 +50,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         Dimension of z for a callable ``model``; ignored otherwise.
     family : {"mean_field", "full_covariance"}, default="mean_field"
         The Gaussian variational family.
-    divergence : {"kl", "renyi", "neural_f", "tail_adaptive", "f"} or \
+    divergence : {"kl", "renyi", "local_renyi", "neural_f", "tail_adaptive", "f"} or \
             Divergence, default="kl"
         The divergence of :meth:`fit` when no meta-learned one exists, and the
         initial (learnable) divergence of :meth:`meta_fit`.
@@ -65,7 +65,8 @@ class MetaDivergenceVI(_BaseMetaVI):
         sign(direction)``, gives the divergence no meta-gradient -- and Adam
         otherwise.
     inner_lr : float or "auto", default="auto"
-        Inner step size (beta in Algorithms 1 and 2); ``"auto"``: 0.05.
+        Inner step size (beta in Algorithms 1 and 2) of whichever optimiser
+        ``inner_optimizer`` selects; ``"auto"``: 0.05.
     max_iter : int or "auto", default="auto"
         Inner iterations of :meth:`fit` (epochs when ``batch_size`` is set).
         ``"auto"``: 500, or after :meth:`meta_fit` with ``meta_learn_init=True``

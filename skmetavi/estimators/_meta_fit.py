@@ -18,6 +18,7 @@ import numpy as np
 
 from skmetavi import _checkpoint, _tree
 from skmetavi._bilevel import CallableMetaLoss, MetaTrainer, PredictiveNLL, QuadratureLoss
+from skmetavi._inner import check_local_divergence
 from skmetavi._validation import _stable_repr
 from skmetavi.estimators._loop import train_loop
 
@@ -124,6 +125,8 @@ class MetaFitMixin:
 
     def _meta_trainer(self, model, support, query, generator, divergence):
         """The engine's outer loop for these tasks and this estimator's settings."""
+        if divergence.local:
+            check_local_divergence(model, divergence)  # before any work
         return MetaTrainer(
             model, divergence, self._inner_optimizer(self.meta_learn_init),
             self._make_meta_loss(model, support), support, query,
@@ -189,8 +192,8 @@ class MetaFitMixin:
             trainer.step, max(0, target - trainer.n_iter), verbose=self.verbose,
             desc="meta_fit", value_name="meta_loss", after_step=after_step,
             settings=lambda: (
-                f"inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr!r}, "
-                f"meta_lr={self.meta_lr!r}, n_inner_steps={self.n_inner_steps!r}, "
+                f"inner_optimizer={trainer.inner_optimizer.name!r}, "
+                f"inner_lr={trainer.inner_optimizer.lr!r}, meta_lr={self.meta_lr!r}, n_inner_steps={self.n_inner_steps!r}, "
                 f"max_grad_norm={self.max_grad_norm!r}"
             ),
         )
