@@ -156,7 +156,8 @@ def run(max_meta_iter=400, seed=0, only=None, validation_fraction=None):
     for name, rows in results.items():
         rows = np.array(rows)
         se = rows.std(0, ddof=1) / np.sqrt(len(rows))
-        table[name] = {"test LL": [rows[:, 0].mean(), se[0]], "coverage 90": [rows[:, 1].mean(), se[1]],
+        table[name] = {"test LL": [rows[:, 0].mean(), se[0]],
+                       "coverage 90": [rows[:, 1].mean(), se[1]],
                        "RMSE": [rows[:, 2].mean(), se[2]], "seconds": seconds[name],
                        "per-task LL": rows[:, 0].round(3).tolist()}
         if name in learned:

@@ -687,7 +687,7 @@ ENGINE_INTERNALS = {
     sorted((PACKAGE_DIR / "experiments").glob("*.py"))
     + [PACKAGE_DIR.parent / "benchmarks" / "run.py",
        PACKAGE_DIR.parent / "benchmarks" / "real_tasks.py"],
-    ids=lambda p: f"benchmarks/{p.name}" if p.parent.name == "benchmarks" else f"experiments/{p.name}",
+    ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_experiments_and_benchmarks_use_the_estimators_not_the_engine(path):
     """One adaptation path: the reproductions and benchmarks go through the estimators."""

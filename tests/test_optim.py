@@ -3,7 +3,6 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
-import numpy as np
 import pytest
 import torch
 

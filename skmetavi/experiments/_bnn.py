@@ -149,8 +149,8 @@ def _table5_seed(budget, seed):
     data = _test_tasks(budget, seed, T5["n_train_points"])
     runs = {"VI": KL()}
     info = {}
-    for name, kind in (("VI&φ", "vi"), ("meta-α&φ", "meta_alpha"), ("local meta-α&φ", "local_alpha"),
-                       ("meta-f&φ", "meta_f")):
+    for name, kind in (("VI&φ", "vi"), ("meta-α&φ", "meta_alpha"),
+                       ("local meta-α&φ", "local_alpha"), ("meta-f&φ", "meta_f")):
         est, secs = _meta_train(kind, budget, seed, learn_init=True)
         runs[name] = est
         info[name] = {"seconds": secs, "alpha": getattr(est.meta_divergence_, "alpha", None)}
