@@ -68,6 +68,12 @@ class PredictiveNLL:
         self.n_particles = n_particles
 
     def __call__(self, model, params, tasks, generator=None):
+        if not getattr(model, "has_likelihood", False):
+            raise TypeError(
+                f"The held-out predictive NLL needs a model with one global latent and a "
+                f"per-row likelihood (has_likelihood=True); got {model!r}. Use "
+                "NegativeEvidence for models with one latent per row."
+            )
         eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
         z = model.rsample(params, tasks, eps)
         log_lik = model.log_likelihood(params, tasks, z)[:, 0]  # (M, K, n)

@@ -54,7 +54,9 @@ class LatentModel:
     local_keys : tuple of str
         Per-row parameters (a subset of the parameters), empty by default.
     has_likelihood : bool
-        Whether :meth:`log_likelihood` (per row) is available.
+        Whether the model has one global latent and a per-row
+        ``log_likelihood`` of shape (M, 1, K, n_rows) (the ``"nll"`` meta-loss,
+        :class:`~skmetavi.divergences.LocalRenyi`).
     supports_minibatch : bool
         Whether a minibatch of rows with the likelihood rescaled by ``N /
         batch`` is an unbiased estimate.

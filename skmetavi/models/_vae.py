@@ -9,9 +9,12 @@ weights (leading task dimension M), so Algorithm 1 keeps one VAE per task and
 Algorithm 2 learns one shared initialisation of them.
 
 The decoder weights are model parameters: the inner loop moves them along
-``sum_k w_nk grad_theta log p(x_n, z_nk)`` with the divergence's normalised
-weights ``w_nk`` of each row -- the same weights as the encoder's update (for
-KL, the ELBO gradient; for Rényi, the VR bound's).
+``sum_k w_nk grad_theta log p(x_n, z_nk)`` with the divergence's weights
+``w_nk`` of each row -- the same weights as the encoder's update (for KL, the
+ELBO gradient; for Rényi, the VR bound's).  ``has_likelihood`` is False: that
+flag means a per-row likelihood of a *global* latent (the ``"nll"`` meta-loss,
+``LocalRenyi``); here each row has its own latent, and the decoder's density
+is :meth:`VAELatent.decoder_log_prob`.
 """
 
 # Authors: The skmetavi developers
@@ -99,7 +102,8 @@ class VAELatent(LatentModel):
     def __init__(self, n_components=2, *, hidden_layer_sizes=(64,), decoder="bernoulli",
                  inference="amortized", activation="tanh", init_scale=1.0):
         _check_positive_int("n_components", n_components)
-        sizes = tuple(hidden_layer_sizes)
+        sizes = ((hidden_layer_sizes,) if isinstance(hidden_layer_sizes, Integral)
+                 else tuple(hidden_layer_sizes))
         for h in sizes:
             _check_positive_int("every hidden layer size", h)
         if decoder not in DECODERS:
@@ -110,8 +114,9 @@ class VAELatent(LatentModel):
             raise ValueError(
                 f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}."
             )
-        if isinstance(init_scale, bool) or not isinstance(init_scale, Real) or not init_scale > 0:
-            raise ValueError(f"init_scale must be a number > 0, got {init_scale!r}.")
+        if (isinstance(init_scale, bool) or not isinstance(init_scale, Real)
+                or not math.isfinite(init_scale) or not init_scale > 0):
+            raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}.")
         self.n_components = int(n_components)
         self.hidden_layer_sizes = sizes
         self.decoder = decoder
@@ -160,14 +165,15 @@ class VAELatent(LatentModel):
         return w, torch.zeros((M, n_out), dtype=like.dtype, device=like.device)
 
     def init_params(self, tasks, *, generator):
-        """Random Glorot-scaled weights; q's scale starts near one.
+        """Random Glorot-scaled weights; q starts with standard deviation one.
 
         Parameters
         ----------
         tasks : TaskBatch
             The tasks (M, their rows and features, dtype and device).
         generator : torch.Generator or TaskNoise
-            Source of the random weights.
+            Source of the random weights (a non-fixed one: every layer draws
+            its own numbers).
 
         Returns
         -------
@@ -190,7 +196,8 @@ class VAELatent(LatentModel):
             last = widths[-1]
             params["enc_loc_w"], params["enc_loc_b"] = self._dense(M, last, k, generator, X)
             params["enc_scale_w"], params["enc_scale_b"] = self._dense(M, last, k, generator, X)
-            params["enc_scale_w"] = 0.1 * params["enc_scale_w"]
+            # q's standard deviation starts at exactly one for every row.
+            params["enc_scale_w"] = torch.zeros_like(params["enc_scale_w"])
             params["enc_scale_b"] = params["enc_scale_b"] + _inverse_softplus(1.0 - MIN_SCALE)
         params.update(self.init_local_params(tasks, generator=generator))
         return params
@@ -297,7 +304,7 @@ class VAELatent(LatentModel):
         """
         return F.softplus(params["dec_noise_raw"]) + MIN_NOISE
 
-    def log_likelihood(self, params, tasks, z):
+    def decoder_log_prob(self, params, tasks, z):
         """``log p(x_n | z_nk)`` of every row and particle, shape (M, S, K).
 
         Parameters
@@ -344,4 +351,4 @@ class VAELatent(LatentModel):
 
     def log_p(self, params, tasks, z):
         log_prior = (-0.5 * z**2 - 0.5 * _LOG_2PI).sum(-1)
-        return log_prior + self.log_likelihood(params, tasks, z)
+        return log_prior + self.decoder_log_prob(params, tasks, z)
