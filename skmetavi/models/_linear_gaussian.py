@@ -19,22 +19,15 @@ import torch
 from torch.nn import functional as F
 
 from skmetavi._tasks import randn
-from skmetavi.models._protocol import LatentModel
+from skmetavi.models._row_q import INFERENCE, MIN_NOISE, MIN_SCALE, GaussianRowQ
+from skmetavi.models._row_q import inverse_softplus as _inverse_softplus
 
 __all__ = ["LinearGaussianLatent", "INFERENCE"]
 
-INFERENCE = ("amortized", "factorized")
 _LOG_2PI = math.log(2 * math.pi)
-#: Floors of the standard deviations.
-MIN_SCALE = 1e-6
-MIN_NOISE = 1e-3
 
 
-def _inverse_softplus(x: float) -> float:
-    return x + math.log(-math.expm1(-x))
-
-
-class LinearGaussianLatent(LatentModel):
+class LinearGaussianLatent(GaussianRowQ):
     """Probabilistic PCA with one latent per row, amortised or factorised q.
 
     ``x_n = z_n W + b + sigma e_n`` with ``z_n ~ N(0, I_k)`` and ``e_n ~ N(0,
@@ -112,16 +105,6 @@ class LinearGaussianLatent(LatentModel):
             return ("enc_weight", "enc_bias", "enc_scale_raw")
         return ("z_loc", "z_scale_raw")
 
-    @property
-    def local_keys(self):
-        """Per-row parameters: those of the factorised q."""
-        return () if self.inference == "amortized" else ("z_loc", "z_scale_raw")
-
-    @property
-    def n_latent(self) -> int:
-        """Latent dimension per row."""
-        return self.n_components
-
     # ---------------------------------------------------------- params
     def init_params(self, tasks, *, generator):
         """Random loadings, zero offsets, unit noise; q at the prior (factorised) or a random encoder.
@@ -156,60 +139,10 @@ class LinearGaussianLatent(LatentModel):
         params.update(self.init_local_params(tasks, generator=generator))
         return params
 
-    def init_local_params(self, tasks, *, generator):
-        """Every row's q at the prior (factorised q; nothing for an amortised one).
-
-        Parameters
-        ----------
-        tasks : TaskBatch
-            The tasks.
-        generator : torch.Generator or TaskNoise
-            Unused: the start is deterministic.
-
-        Returns
-        -------
-        params : dict of str to torch.Tensor
-            ``z_loc`` and ``z_scale_raw``, ``(M, n_rows, k)`` each.
-        """
-        if self.inference == "amortized":
-            return {}
-        M, n_rows, _ = tasks.X.shape
-        dtype, device = tasks.X.dtype, tasks.X.device
-        unit = _inverse_softplus(1.0 - MIN_SCALE)
-        return {
-            "z_loc": torch.zeros((M, n_rows, self.n_components), dtype=dtype, device=device),
-            "z_scale_raw": torch.full((M, n_rows, self.n_components), unit, dtype=dtype,
-                                      device=device),
-        }
-
-    def q_loc_scale(self, params, tasks):
-        """Mean and standard deviation of every row's q, each (M, S, k).
-
-        Parameters
-        ----------
-        params : dict of str to torch.Tensor
-            Parameters.
-        tasks : TaskBatch
-            The rows.
-
-        Returns
-        -------
-        loc, scale : torch.Tensor of shape (M, S, k)
-            Mean and standard deviation of q.
-        """
-        if self.inference == "amortized":
-            loc = tasks.X @ params["enc_weight"] + params["enc_bias"].unsqueeze(1)
-            scale = (F.softplus(params["enc_scale_raw"]) + MIN_SCALE).unsqueeze(1).expand_as(loc)
-            return loc, scale
-        loc = params["z_loc"]
-        if loc.shape[1] != tasks.X.shape[1]:
-            raise ValueError(
-                f"The factorised q has parameters for {loc.shape[1]} rows per task but the "
-                f"tasks have {tasks.X.shape[1]}: a factorised q exists only for the rows it was "
-                "fitted to (evaluate meta-losses on the support rows, or use "
-                "inference='amortized' for new rows)."
-            )
-        return loc, F.softplus(params["z_scale_raw"]) + MIN_SCALE
+    def _encode(self, params, tasks):
+        loc = tasks.X @ params["enc_weight"] + params["enc_bias"].unsqueeze(1)
+        scale = (F.softplus(params["enc_scale_raw"]) + MIN_SCALE).unsqueeze(1).expand_as(loc)
+        return loc, scale
 
     def noise(self, params):
         """The observation noise standard deviation sigma per task, shape (M,).
@@ -227,25 +160,6 @@ class LinearGaussianLatent(LatentModel):
         return F.softplus(params["noise_raw"][:, 0]) + MIN_NOISE
 
     # ------------------------------------------------------ protocol
-    def sample_eps(self, params, tasks, n_particles, *, generator):
-        ref = params["weight"]
-        M, S = tasks.mask.shape
-        return randn((M, S, n_particles, self.n_components), generator, dtype=ref.dtype,
-                     device=ref.device)
-
-    def rsample(self, params, tasks, eps):
-        loc, scale = self.q_loc_scale(params, tasks)
-        return loc.unsqueeze(2) + scale.unsqueeze(2) * eps
-
-    def log_q(self, params, tasks, z):
-        loc, scale = self.q_loc_scale(params, tasks)
-        u = (z - loc.unsqueeze(2)) / scale.unsqueeze(2)
-        return (-0.5 * u**2 - torch.log(scale).unsqueeze(2) - 0.5 * _LOG_2PI).sum(-1)
-
-    def log_q_reparameterised(self, params, tasks, eps):
-        _, scale = self.q_loc_scale(params, tasks)
-        return (-0.5 * eps**2 - torch.log(scale).unsqueeze(2) - 0.5 * _LOG_2PI).sum(-1)
-
     def log_p(self, params, tasks, z):
         W, b = params["weight"], params["bias"]
         sigma = self.noise(params).reshape(-1, 1, 1, 1)

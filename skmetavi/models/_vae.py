@@ -29,8 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from skmetavi._tasks import randn
-from skmetavi.models._linear_gaussian import INFERENCE, MIN_NOISE, MIN_SCALE, _inverse_softplus
-from skmetavi.models._protocol import LatentModel
+from skmetavi.models._row_q import INFERENCE, MIN_NOISE, MIN_SCALE, GaussianRowQ
+from skmetavi.models._row_q import inverse_softplus as _inverse_softplus
 
 __all__ = ["VAELatent", "DECODERS"]
 
@@ -44,7 +44,7 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
-class VAELatent(LatentModel):
+class VAELatent(GaussianRowQ):
     """Variational autoencoder with one latent per row, amortised or factorised q.
 
     ``z_n ~ N(0, I_k)`` and ``x_n | z_n`` from an MLP decoder (Bernoulli logits
@@ -134,11 +134,6 @@ class VAELatent(LatentModel):
     def _encoder_layers(self):
         return len(self.hidden_layer_sizes)
 
-    def _decoder_keys(self):
-        n = len(self.hidden_layer_sizes) + 1
-        keys = tuple(k for i in range(n) for k in (f"dec_w{i}", f"dec_b{i}"))
-        return keys + (("dec_noise_raw",) if self.decoder == "gaussian" else ())
-
     @property
     def variational_keys(self):
         """The parameters of q: the encoder's, or every row's own."""
@@ -147,16 +142,6 @@ class VAELatent(LatentModel):
         n = self._encoder_layers()
         hidden = tuple(k for i in range(n) for k in (f"enc_w{i}", f"enc_b{i}"))
         return hidden + ("enc_loc_w", "enc_loc_b", "enc_scale_w", "enc_scale_b")
-
-    @property
-    def local_keys(self):
-        """Per-row parameters: those of the factorised q."""
-        return () if self.inference == "amortized" else ("z_loc", "z_scale_raw")
-
-    @property
-    def n_latent(self) -> int:
-        """Latent dimension per row."""
-        return self.n_components
 
     # ------------------------------------------------------------ params
     def _dense(self, M, n_in, n_out, generator, like):
@@ -202,32 +187,6 @@ class VAELatent(LatentModel):
         params.update(self.init_local_params(tasks, generator=generator))
         return params
 
-    def init_local_params(self, tasks, *, generator):
-        """Every row's q at the prior (factorised q; nothing for an amortised one).
-
-        Parameters
-        ----------
-        tasks : TaskBatch
-            The tasks.
-        generator : torch.Generator or TaskNoise
-            Unused: the start is deterministic.
-
-        Returns
-        -------
-        params : dict of str to torch.Tensor
-            ``z_loc`` and ``z_scale_raw``, ``(M, n_rows, k)`` each.
-        """
-        if self.inference == "amortized":
-            return {}
-        M, n_rows, _ = tasks.X.shape
-        X = tasks.X
-        return {
-            "z_loc": torch.zeros((M, n_rows, self.n_components), dtype=X.dtype, device=X.device),
-            "z_scale_raw": torch.full((M, n_rows, self.n_components),
-                                      _inverse_softplus(1.0 - MIN_SCALE), dtype=X.dtype,
-                                      device=X.device),
-        }
-
     # ------------------------------------------------------------ networks
     def _mlp(self, h, params, prefix, n_layers):
         """``h`` (M, ..., n_in) through the hidden layers ``prefix{i}`` of every task."""
@@ -239,30 +198,7 @@ class VAELatent(LatentModel):
                                   params[f"{prefix}_w{i}"]))
         return h, shape[1:-1]
 
-    def q_loc_scale(self, params, tasks):
-        """Mean and standard deviation of every row's q, each (M, S, k).
-
-        Parameters
-        ----------
-        params : dict of str to torch.Tensor
-            Parameters.
-        tasks : TaskBatch
-            The rows.
-
-        Returns
-        -------
-        loc, scale : torch.Tensor of shape (M, S, k)
-            Mean and standard deviation of q.
-        """
-        if self.inference == "factorized":
-            loc = params["z_loc"]
-            if loc.shape[1] != tasks.X.shape[1]:
-                raise ValueError(
-                    f"The factorised q has parameters for {loc.shape[1]} rows per task but "
-                    f"the tasks have {tasks.X.shape[1]}: a factorised q exists only for the "
-                    "rows it was fitted to (use inference='amortized' for new rows)."
-                )
-            return loc, F.softplus(params["z_scale_raw"]) + MIN_SCALE
+    def _encode(self, params, tasks):
         h, _ = self._mlp(tasks.X, params, "enc", self._encoder_layers())
         loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
         raw = torch.baddbmm(params["enc_scale_b"].unsqueeze(1), h, params["enc_scale_w"])
@@ -330,25 +266,6 @@ class VAELatent(LatentModel):
         return (-0.5 * ((x - out) / sigma) ** 2 - torch.log(sigma) - 0.5 * _LOG_2PI).sum(-1)
 
     # ------------------------------------------------------------ protocol
-    def sample_eps(self, params, tasks, n_particles, *, generator):
-        ref = next(iter(params.values()))
-        M, S = tasks.mask.shape
-        return randn((M, S, n_particles, self.n_components), generator, dtype=ref.dtype,
-                     device=ref.device)
-
-    def rsample(self, params, tasks, eps):
-        loc, scale = self.q_loc_scale(params, tasks)
-        return loc.unsqueeze(2) + scale.unsqueeze(2) * eps
-
-    def log_q(self, params, tasks, z):
-        loc, scale = self.q_loc_scale(params, tasks)
-        u = (z - loc.unsqueeze(2)) / scale.unsqueeze(2)
-        return (-0.5 * u**2 - torch.log(scale).unsqueeze(2) - 0.5 * _LOG_2PI).sum(-1)
-
-    def log_q_reparameterised(self, params, tasks, eps):
-        _, scale = self.q_loc_scale(params, tasks)
-        return (-0.5 * eps**2 - torch.log(scale).unsqueeze(2) - 0.5 * _LOG_2PI).sum(-1)
-
     def log_p(self, params, tasks, z):
         log_prior = (-0.5 * z**2 - 0.5 * _LOG_2PI).sum(-1)
         return log_prior + self.decoder_log_prob(params, tasks, z)
