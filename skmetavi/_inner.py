@@ -32,6 +32,8 @@ import torch
 from skmetavi import _tree
 from skmetavi._optim import map_param_state
 from skmetavi._tasks import gather_rows, minibatch, scatter_rows
+from skmetavi.models._protocol import GlobalLatent
+from skmetavi.models._targets import Target
 
 __all__ = [
     "NonFiniteError",
@@ -171,9 +173,6 @@ def check_local_divergence(model, divergence):
     A target with ``has_likelihood`` promises ``log_joint = log_prior + sum_n
     lik_scale * log_likelihood_n`` (a ``log_joint`` override may only be faster).
     """
-    from skmetavi.models._protocol import GlobalLatent  # the models import this module's users
-    from skmetavi.models._targets import Target
-
     name = type(divergence).__name__
     if divergence.path_derivative:
         raise TypeError(f"{name} has path_derivative=True, which local divergences do not "
