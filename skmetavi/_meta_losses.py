@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from skmetavi._tasks import gather_rows, minibatch
+
 __all__ = ["QuadratureLoss", "PredictiveNLL", "NegativeEvidence", "CallableMetaLoss"]
 
 
@@ -90,13 +92,24 @@ class NegativeEvidence:
     grows), then averaged over the real sites.  For models with local latents
     (one site per row) this is the held-out evidence per row, the natural
     meta-loss of a VAE; for a global latent (one site per task) it is the
-    evidence of the task's rows divided by their number.
+    evidence of the task's rows divided by their number.  With ``batch_size``
+    the sites are a random minibatch of each task's rows (drawn from the
+    generator; per-row parameters gathered), which bounds the memory of a
+    meta-loss on thousands of rows.
     """
 
-    def __init__(self, n_particles=100):
+    def __init__(self, n_particles=100, batch_size=None):
         self.n_particles = n_particles
+        self.batch_size = batch_size
 
     def __call__(self, model, params, tasks, generator=None):
+        if self.batch_size is not None:
+            # An unbiased estimate of the mean over the rows from a minibatch of them.
+            tasks = minibatch(tasks, self.batch_size, generator)
+            local = tuple(getattr(model, "local_keys", ()))
+            if tasks.rows is not None and local:
+                params = {k: gather_rows(v, tasks.rows) if k in local else v
+                          for k, v in params.items()}
         eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
         z = model.rsample(params, tasks, eps)
         log_w = model.log_p(params, tasks, z) - model.log_q(params, tasks, z)  # (M, S, K)

@@ -47,8 +47,9 @@ def as_tensor(X, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
     if isinstance(X, torch.Tensor):
         return X.to(device=device, dtype=dtype)
     X = np.asarray(X)
-    if not X.flags.writeable:
-        # torch cannot share a read-only buffer (e.g. a read-only memory map) and warns.
+    if not X.flags.writeable or any(st < 0 for st in X.strides):
+        # torch cannot share a read-only buffer (e.g. a read-only memory map) and warns,
+        # and refuses negative strides (a reversed view such as X[::-1]).
         X = X.copy()
     return torch.as_tensor(X, dtype=dtype, device=device)
 

@@ -9,7 +9,7 @@ from sklearn.utils.estimator_checks import check_param_validation, parametrize_w
 
 import skmetavi.estimators
 import skmetavi.model_selection
-from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI
+from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaVAE
 from skmetavi.model_selection import TaskAdaptiveRegressor
 
 # A tiny Bayesian MLP: a few hundred weights, 30 epochs, 4 particles.
@@ -50,6 +50,14 @@ INIT_PARAMS = {
             dtype="float64",
         ),
     ],
+    MetaVAE: [
+        # The default parameters (random_state fixed, so that the determinism checks run).
+        dict(random_state=0),
+        # Factorised q (per-row parameters gathered and scattered under minibatching,
+        # refitted for new rows), a Rényi divergence.
+        dict(inference="factorized", divergence="renyi", hidden_layer_sizes=(8,), max_iter=20,
+             n_score_samples=50, local_max_iter=20, random_state=0),
+    ],
     # The cross-validation-over-tasks wrapper; without groups it is a plain regressor.
     TaskAdaptiveRegressor: dict(estimator=MetaBNNRegressor(**FAST_BNN), random_state=0),
 }
@@ -59,6 +67,7 @@ INIT_PARAMS = {
 EXPECTED_FAILED_CHECKS = {
     MetaDivergenceVI: {},
     MetaBNNRegressor: {},
+    MetaVAE: {},
     TaskAdaptiveRegressor: {},
 }
 

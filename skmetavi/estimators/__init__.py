@@ -5,5 +5,6 @@
 
 from skmetavi.estimators._bnn import MetaBNNRegressor
 from skmetavi.estimators._divergence_vi import MetaDivergenceVI
+from skmetavi.estimators._vae import MetaVAE
 
-__all__ = ["MetaBNNRegressor", "MetaDivergenceVI"]
+__all__ = ["MetaBNNRegressor", "MetaDivergenceVI", "MetaVAE"]

@@ -496,7 +496,13 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             return params
         if hasattr(self, "meta_init_"):
             init = _tree.to_device(self.meta_init_, self._device, self._dtype)
-            return {k: v.expand((M,) + v.shape[1:]).clone() for k, v in init.items()}
+            params = {k: v.expand((M,) + v.shape[1:]).clone() for k, v in init.items()}
+            if model.local_keys:
+                # Per-row parameters are never shared (Algorithm 2): each task's own start.
+                parts = [model.init_local_params(tasks.index(slice(m, m + 1)), generator=g)
+                         for m, g in enumerate(generators)]
+                params.update({k: torch.cat([p[k] for p in parts]) for k in model.local_keys})
+            return params
         # Each task's own generator, as in a separate fit.
         parts = [model.init_params(tasks.index(slice(m, m + 1)), generator=g)
                  for m, g in enumerate(generators)]

@@ -33,13 +33,19 @@ class MetaFitMixin:
         """Per-task transformation of ``y`` before meta-training (identity here)."""
         return y
 
+    def _holds_out_rows(self, model):
+        """Whether the meta-loss is evaluated on held-out (query) rows of each task.
+
+        True for models with a per-row likelihood (held-out predictive meta-loss).
+        """
+        return model.has_likelihood
+
     def _support_query(self, model, index, rng):
         """Split each task's rows into support (inner loop) and query (meta-loss).
 
-        Only for models with a per-row likelihood (held-out predictive meta-loss);
-        otherwise both parts are the whole task.
+        Only where :meth:`_holds_out_rows`; otherwise both parts are the whole task.
         """
-        if not model.has_likelihood:
+        if not self._holds_out_rows(model):
             return index, index
         support, query = [], []
         for t, rows in enumerate(index):

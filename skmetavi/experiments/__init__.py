@@ -6,7 +6,7 @@
 import time
 from pathlib import Path
 
-from skmetavi.experiments import _bnn, _mog
+from skmetavi.experiments import _bnn, _mog, _vae
 from skmetavi.experiments._report import Row, format_table, write_results
 
 __all__ = ["EXPERIMENTS", "reproduce", "Row"]
@@ -32,6 +32,14 @@ EXPERIMENTS = {
     "table5": (
         "BNN sinusoids, Meta-D&phi (40 points): VI / VI&phi / meta-alpha&phi / meta-f&phi; Fig. 3",
         _bnn.table5, _bnn.BUDGETS, _bnn.plot_figure3, _bnn.config,
+    ),
+    "table6": (
+        "VAE digits 5-9, Meta-D: VI / VI(alpha=0.5) / meta-alpha / meta-f, IWAE test LL per digit",
+        _vae.table6, _vae.BUDGETS, _vae.plot_figure, _vae.config,
+    ),
+    "table7": (
+        "VAE digits 5-9, Meta-D&phi (few points): VI&phi / meta-alpha&phi / meta-f&phi, test LL",
+        _vae.table7, _vae.BUDGETS, _vae.plot_figure, _vae.config,
     ),
 }
 

@@ -32,7 +32,7 @@ from skmetavi._tasks import randn
 from skmetavi.models._row_q import INFERENCE, MIN_NOISE, MIN_SCALE, GaussianRowQ
 from skmetavi.models._row_q import inverse_softplus as _inverse_softplus
 
-__all__ = ["VAELatent", "DECODERS"]
+__all__ = ["VAELatent", "FrozenDecoder", "DECODERS"]
 
 DECODERS = ("bernoulli", "gaussian")
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "softplus": F.softplus, "elu": F.elu}
@@ -61,6 +61,9 @@ class VAELatent(GaussianRowQ):
     hidden_layer_sizes : tuple of int, default=(64,)
         Hidden widths of the encoder and of the decoder (the decoder mirrors
         them); ``()`` gives linear maps.
+    encoder_layer_sizes : tuple of int, default=None
+        Hidden widths of the encoder alone, if they differ from
+        ``hidden_layer_sizes`` (e.g. a small encoder on a large decoder).
     decoder : {"bernoulli", "gaussian"}, default="bernoulli"
         ``"bernoulli"``: pixels in [0, 1] (binarised images), logits from the
         decoder; ``"gaussian"``: real values, mean from the decoder and a
@@ -99,12 +102,15 @@ class VAELatent(GaussianRowQ):
     has_likelihood = False
     supports_minibatch = True
 
-    def __init__(self, n_components=2, *, hidden_layer_sizes=(64,), decoder="bernoulli",
-                 inference="amortized", activation="tanh", init_scale=1.0):
+    def __init__(self, n_components=2, *, hidden_layer_sizes=(64,), encoder_layer_sizes=None,
+                 decoder="bernoulli", inference="amortized", activation="tanh", init_scale=1.0):
         _check_positive_int("n_components", n_components)
         sizes = ((hidden_layer_sizes,) if isinstance(hidden_layer_sizes, Integral)
                  else tuple(hidden_layer_sizes))
-        for h in sizes:
+        enc = sizes if encoder_layer_sizes is None else (
+            (encoder_layer_sizes,) if isinstance(encoder_layer_sizes, Integral)
+            else tuple(encoder_layer_sizes))
+        for h in sizes + enc:
             _check_positive_int("every hidden layer size", h)
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}.")
@@ -119,6 +125,7 @@ class VAELatent(GaussianRowQ):
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}.")
         self.n_components = int(n_components)
         self.hidden_layer_sizes = sizes
+        self.encoder_layer_sizes = enc
         self.decoder = decoder
         self.inference = inference
         self.activation = activation
@@ -128,11 +135,12 @@ class VAELatent(GaussianRowQ):
         return (f"VAELatent(n_components={self.n_components}, "
                 f"hidden_layer_sizes={self.hidden_layer_sizes!r}, decoder={self.decoder!r}, "
                 f"inference={self.inference!r}, activation={self.activation!r}, "
-                f"init_scale={self.init_scale!r})")
+                f"init_scale={self.init_scale!r}, "
+                f"encoder_layer_sizes={self.encoder_layer_sizes!r})")
 
     # ------------------------------------------------------------ layout
     def _encoder_layers(self):
-        return len(self.hidden_layer_sizes)
+        return len(self.encoder_layer_sizes)
 
     @property
     def variational_keys(self):
@@ -175,7 +183,7 @@ class VAELatent(GaussianRowQ):
             params["dec_noise_raw"] = torch.full((M, p), _inverse_softplus(1.0 - MIN_NOISE),
                                                  dtype=X.dtype, device=X.device)
         if self.inference == "amortized":
-            widths = (p, *hidden)
+            widths = (p, *self.encoder_layer_sizes)
             for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
                 params[f"enc_w{i}"], params[f"enc_b{i}"] = self._dense(M, a, b, generator, X)
             last = widths[-1]
@@ -269,3 +277,58 @@ class VAELatent(GaussianRowQ):
     def log_p(self, params, tasks, z):
         log_prior = (-0.5 * z**2 - 0.5 * _LOG_2PI).sum(-1)
         return log_prior + self.decoder_log_prob(params, tasks, z)
+
+
+class FrozenDecoder(GaussianRowQ):
+    """A fitted VAE's decoder held fixed, with a free Gaussian q per row.
+
+    The model of *local* inference for given rows: refining q for the rows of a
+    factorised VAE at prediction time, or finding the factorised optimum that
+    the amortisation gap compares an encoder with.  Its only parameters are the
+    per-row ``z_loc`` and ``z_scale_raw`` (``local_keys``), so the engine's
+    inner loop, with any divergence, moves q and never the decoder.
+
+    Parameters
+    ----------
+    vae : VAELatent
+        The model whose decoder is used.
+    decoder_params : dict of str to torch.Tensor
+        Its decoder parameters (``dec_*`` keys), with a leading task dimension
+        of one (broadcast over the tasks of a batch) or M.
+    """
+
+    inference = "factorized"
+    has_likelihood = False
+    supports_minibatch = True
+    variational_keys = ("z_loc", "z_scale_raw")
+
+    def __init__(self, vae, decoder_params):
+        self.vae = vae
+        self.n_components = vae.n_components
+        self.decoder_params = {k: v for k, v in decoder_params.items() if k.startswith("dec_")}
+
+    def __repr__(self):
+        return f"FrozenDecoder({self.vae!r})"
+
+    def init_params(self, tasks, *, generator):
+        """Every row's q at the prior (see :meth:`GaussianRowQ.init_local_params`)."""
+        return self.init_local_params(tasks, generator=generator)
+
+    def sample_eps(self, params, tasks, n_particles, *, generator):
+        """The same standard noise for every row of a task (common random numbers).
+
+        The rows' problems are independent, so each row's fit then depends on
+        its own data only, not on which other rows share the batch.
+        """
+        ref = next(iter(params.values()))
+        M, S = tasks.mask.shape
+        eps = randn((M, 1, n_particles, self.n_components), generator, dtype=ref.dtype,
+                    device=ref.device)
+        return eps.expand(M, S, n_particles, self.n_components)
+
+    def _decoder(self, M):
+        return {k: v.expand((M,) + v.shape[1:]) if v.shape[0] == 1 else v
+                for k, v in self.decoder_params.items()}
+
+    def log_p(self, params, tasks, z):
+        return self.vae.log_p(self._decoder(z.shape[0]), tasks, z)
