@@ -89,6 +89,23 @@ def test_small_encoder_on_nonlinear_decoder_leaves_a_positive_gap(digits):
     assert gap_wide.mean_gap > -3 * gap_wide.stderr
 
 
+def test_gap_in_the_trained_divergence_bound(digits):
+    """bound="divergence" measures a Rényi encoder in its own VR bound (KL: the ELBO)."""
+    X, g = digits
+    kw = dict(n_components=4, hidden_layer_sizes=(32,), max_iter=150, random_state=0)
+    kl = MetaVAE(**kw).fit(X[g == 6])
+    a = kl.amortization_gap(X[g == 6][:40], n_samples=200)
+    b = kl.amortization_gap(X[g == 6][:40], n_samples=200, bound="divergence")
+    assert np.allclose(a.amortized, b.amortized)  # KL's bound is the ELBO
+    renyi = MetaVAE(divergence=Renyi(0.5, learnable=False), **kw).fit(X[g == 6])
+    elbo = renyi.amortization_gap(X[g == 6][:40], n_samples=200)
+    vr = renyi.amortization_gap(X[g == 6][:40], n_samples=200, bound="divergence")
+    assert (vr.amortized > elbo.amortized).mean() > 0.9  # VR(0.5) bound >= ELBO
+    assert vr.mean_gap > -3 * vr.stderr
+    with pytest.raises(ValueError, match="bound must be"):
+        kl.amortization_gap(X[:3], bound="iwae")
+
+
 def test_fit_learns_the_digit(digits):
     """A VAE fitted on one digit scores held-out images of it above images of another digit."""
     X, g = digits

@@ -454,7 +454,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         local = tuple(model.local_keys)
         return {k: v[:, rows] if k in local else v for k, v in params.items()}
 
-    def _posterior(self, X, divergence=None, start=None):
+    def _posterior(self, X, divergence=None, start=None, n_particles=None):
         """The model and parameters of q for the rows of ``X`` (decoder included).
 
         Amortised: the fitted encoder.  Factorised: a free q per row fitted with
@@ -483,7 +483,9 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             # each row's fit depends on that row only.
             gen = _torch.make_generator(self._predict_seed + 7919, self._device)
             state = optimizer.init(q, local=frozen.local_keys)
-            run = VIRun(frozen, divergence, optimizer, q, state, tasks, n_particles=max(self.n_particles, 50), generator=gen)
+            run = VIRun(frozen, divergence, optimizer, q, state, tasks,
+                        n_particles=n_particles or max(self.n_particles, 50),
+                        generator=gen)
             for t in range(self.local_max_iter):
                 optimizer.lr = self.local_lr * 0.01 ** (t / max(1, self.local_max_iter - 1))
                 run.step()
@@ -492,15 +494,17 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         q = {"z_loc": torch.cat(locs, 1), "z_scale_raw": torch.cat(raws, 1)}
         return frozen, q
 
-    def _log_weights_per_row(self, model, params, X, n_samples, seed, reduce):
+    def _log_weights_per_row(self, model, params, X, n_samples, seed, reduce, multiple=1):
         """``reduce`` over the samples of ``log p(x, z) - log q(z | x)`` per row, chunked.
 
         Every row uses the same standard noise (drawn from ``seed`` in chunks
-        whose size depends on the features only), so a row's value does not
-        depend on the other rows or their order.
+        whose size depends on the features only, and is a multiple of
+        ``multiple``), so a row's value does not depend on the other rows or
+        their order.
         """
         n_rows, k_dim = X.shape[0], self.n_components
         sample_chunk = max(1, _CHUNK_FLOATS // (_ROW_CHUNK * max(1, self.n_features_in_)))
+        sample_chunk = max(multiple, sample_chunk // multiple * multiple)
         like = dict(dtype=self._dtype, device=self._device)
         out = []
         with torch.no_grad():
@@ -665,28 +669,36 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                 x = out + model.noise(params)[0] * noise
         return _torch.to_numpy(x)
 
-    def amortization_gap(self, X, n_samples=1000):
-        """How much ELBO the encoder loses against the best free q per row.
+    def amortization_gap(self, X, n_samples=1000, bound="elbo"):
+        """How much of a variational bound the encoder loses against the best free q per row.
 
-        For each row, the ELBO ``E_q[log p(x, z) - log q(z | x)]`` of the
-        encoder's q and of the factorised optimum: a free Gaussian q per row,
-        started at the encoder's and fitted by ``local_max_iter`` Adam steps
-        (``local_lr``) on the ELBO with the decoder fixed.  The gap (factorised
-        minus amortised, Cremer et al. 2018; Margossian & Blei) is zero when
-        the encoder is as good as per-row inference.  Both ELBOs use the same
-        ``n_samples`` draws of the standard noise (common random numbers).
+        For each row, the bound of the encoder's q and of the factorised
+        optimum: a free Gaussian q per row, started at the encoder's and fitted
+        by ``local_max_iter`` Adam steps (``local_lr``) on the same bound with
+        the decoder fixed.  The gap (factorised minus amortised, Cremer et al.
+        2018; Margossian & Blei) is zero when the encoder is as good as per-row
+        inference.  Both values use the same ``n_samples`` draws of the
+        standard noise (common random numbers).
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
             Rows to evaluate.
         n_samples : int, default=1000
-            Monte Carlo samples per row of each ELBO.
+            Monte Carlo samples per row of each bound (rounded up to a multiple
+            of ``n_particles`` for ``bound="divergence"``).
+        bound : {"elbo", "divergence"}, default="elbo"
+            ``"elbo"``: ``E_q[log p(x, z) - log q(z | x)]``, the standard
+            definition.  ``"divergence"``: the bound the encoder was trained
+            on, ``divergence_.bound`` over groups of ``n_particles`` samples
+            (the VR bound of a Rényi divergence; the ELBO for KL), averaged
+            over the groups; the per-row optimum is then fitted with that
+            divergence and ``n_particles`` samples per step.
 
         Returns
         -------
         result : Bunch
-            ``amortized`` and ``factorized``: the ELBO of each row
+            ``amortized`` and ``factorized``: the bound of each row
             (n_rows,); ``gap``: their difference (n_rows,); ``mean_gap``:
             its mean (float); ``stderr``: the Monte Carlo standard error of
             ``mean_gap`` over rows (float).
@@ -700,17 +712,32 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             )
         if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+        if bound not in ("elbo", "divergence"):
+            raise ValueError(f"bound must be 'elbo' or 'divergence', got {bound!r}.")
         X, _ = self._validate_task_data(X, None, reset=False)
         self._setup_torch()
         vae, params = self._posterior(X)
         with torch.no_grad():
             start = vae.q_loc_scale(params, self._pad([X]))
-        frozen, local = self._posterior(X, divergence=KL(), start=start)
+        if bound == "elbo":
+            fit_divergence, divergence, K, fit_particles = KL(), KL(), 1, None
+        else:
+            fit_divergence = self._adaptation_divergence()
+            divergence = copy.deepcopy(fit_divergence).to(self._device, torch.float64)
+            K = fit_particles = self.n_particles
+            n_samples = -(-n_samples // K) * K
+
+        def reduce(lw):  # (rows, k): the bound of every group of K samples, summed
+            lw = lw.reshape(lw.shape[0], -1, K)
+            return divergence.bound(lw, torch.zeros_like(lw)).sum(-1)
+
+        frozen, local = self._posterior(X, divergence=fit_divergence, start=start,
+                                        n_particles=fit_particles)
         elbo = []
         for model, p in ((vae, params), (frozen, local)):
             parts = self._log_weights_per_row(model, p, X, n_samples, self._predict_seed,
-                                              reduce=lambda lw: lw.sum(-1))  # the same noise
-            elbo.append(_torch.to_numpy(parts.sum(-1) / n_samples))
+                                              reduce=reduce, multiple=K)  # the same noise
+            elbo.append(_torch.to_numpy(parts.sum(-1) / (n_samples // K)))
         gap = elbo[1] - elbo[0]
         stderr = float(gap.std(ddof=1) / np.sqrt(gap.size)) if gap.size > 1 else float("nan")
         return Bunch(amortized=elbo[0], factorized=elbo[1], gap=gap,
