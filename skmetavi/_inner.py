@@ -67,8 +67,16 @@ def zeros_for_none(grads, tensors):
 
 
 def _per_task(t: torch.Tensor) -> torch.Tensor:
-    """Whether every entry of each task of ``t`` (M, ...) is finite, shape (M,)."""
-    return torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+    """Whether every entry of each task of ``t`` (M, ...) is finite, shape (M,).
+
+    One reduction pass: a NaN or an infinity makes the task's sum non-finite (a
+    sum that overflows the float range counts as non-finite too, which only
+    flags values already within a factor ``numel`` of it).
+    """
+    flat = t.detach().reshape(t.shape[0], -1)
+    if not flat.is_floating_point():
+        return torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+    return torch.isfinite(flat.sum(-1))
 
 
 def inner_direction(model, divergence, params, tasks, eps, *, create_graph):

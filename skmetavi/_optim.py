@@ -127,17 +127,20 @@ class Adam:
         new_params, m_new, v_new, count_new = {}, {}, {}, {}
         for k, p in params.items():
             g = direction[k]
-            m = b1 * state["m"][k] + (1 - b1) * g
-            v = b2 * state["v"][k] + (1 - b2) * g * g
+            m = torch.lerp(g, state["m"][k], b1)  # b1 m + (1 - b1) g, one kernel
+            v = torch.addcmul(b2 * state["v"][k], g, g, value=1 - b2)
             if k in state["count"]:  # per-row bias correction (lazy Adam)
                 count_new[k] = state["count"][k] + 1  # (M, n_rows)
-                m_hat = m / _bcast(1 - b1 ** count_new[k], m)
-                v_hat = v / _bcast(1 - b2 ** count_new[k], v)
+                bc1, bc2 = 1 - b1 ** count_new[k], 1 - b2 ** count_new[k]
             else:
-                m_hat = m / _bcast(c1, m)
-                v_hat = v / _bcast(c2, v)
-            lr = self.lr * _bcast(state["lr_scale"], p)
-            new_params[k] = p + lr * m_hat / torch.sqrt(v_hat + self.eps**2)
+                bc1, bc2 = c1, c2
+            # lr m_hat / sqrt(v_hat + eps^2) = (lr sqrt(c2) / c1) m / sqrt(v + c2 eps^2):
+            # per-task scalars, so that the elementwise work is a few fused kernels.
+            a = _bcast(self.lr * state["lr_scale"] * torch.sqrt(bc2) / bc1
+                       if bc1.ndim == 1 else
+                       _bcast(self.lr * state["lr_scale"], bc1) * torch.sqrt(bc2) / bc1, p)
+            e = _bcast(bc2 * self.eps**2, p)
+            new_params[k] = torch.addcdiv(p, a * m, torch.sqrt(v + e))
             m_new[k], v_new[k] = m, v
         return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new,
                             "count": count_new}

@@ -496,6 +496,19 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             return params
         if hasattr(self, "meta_init_"):
             init = _tree.to_device(self.meta_init_, self._device, self._dtype)
+            fresh = model.init_params(tasks.index(slice(0, 1)),
+                                      generator=_torch.make_generator(0, self._device))
+            shared = {k: v for k, v in fresh.items() if k not in model.local_keys}
+            for k in set(shared) | set(init):
+                if k not in init or k not in shared or init[k].shape[1:] != shared[k].shape[1:]:
+                    raise ValueError(
+                        "The learned initialisation (meta_init_) does not match this "
+                        f"estimator's model (parameter {k!r}: "
+                        f"{tuple(init[k].shape) if k in init else 'missing'} in meta_init_ vs "
+                        f"{tuple(shared[k].shape) if k in shared else 'missing'} now): the "
+                        "architecture or the number of features changed since meta_fit. "
+                        "Restore the settings, or meta_fit again."
+                    )
             params = {k: v.expand((M,) + v.shape[1:]).clone() for k, v in init.items()}
             if model.local_keys:
                 # Per-row parameters are never shared (Algorithm 2): each task's own start.

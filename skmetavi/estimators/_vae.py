@@ -55,7 +55,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     :mod:`skmetavi.divergences` divergence trains it, applied per data point:
     the ``K`` samples of z of each row are weighted and log-sum-exp'ed for that
     row (KL gives the ELBO, Rényi-alpha the VR bound of Li & Turner 2016,
-    ``alpha=0`` the IWAE bound), and the decoder is updated with the same
+    alpha -> 0 the IWAE bound), and the decoder is updated with the same
     normalised weights as the encoder, ``sum_k w_nk grad log p(x_n, z_nk)``.
 
     :meth:`meta_fit` learns the divergence over training tasks (rows sharing
@@ -79,10 +79,12 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         amortisation gap, :meth:`amortization_gap`).
     decoder : {"auto", "bernoulli", "gaussian"}, default="auto"
         ``"bernoulli"``: values in [0, 1] (binarised images; grey levels are
-        scored by the same cross-entropy); ``"gaussian"``: real values, with
-        a learned noise standard deviation per feature.  ``"auto"``:
-        ``"bernoulli"`` if every value of the data first fitted (or
-        meta-fitted) lies in [0, 1], else ``"gaussian"`` (``decoder_``).
+        accepted and scored by the same cross-entropy, which is then not a
+        normalised density); ``"gaussian"``: real values, with a learned noise
+        standard deviation per feature.  ``"auto"``: ``"bernoulli"`` if every
+        value of the data fitted (or meta-fitted) is 0 or 1, else
+        ``"gaussian"`` (``decoder_``; after Algorithm 2, the decoder of the
+        learned initialisation).
     inference : {"amortized", "factorized"}, default="amortized"
         An encoder network shared by the rows, or free Gaussian parameters per
         row (refitted for new rows by :meth:`score_samples` and
@@ -196,6 +198,9 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         Divergence learned by :meth:`meta_fit`.
     meta_init_ : dict of str to torch.Tensor
         Learned initialisation of the networks (Algorithm 2 only).
+    meta_decoder_ : {"bernoulli", "gaussian"}
+        The decoder :meth:`meta_fit` trained (a learned initialisation fixes it
+        for :meth:`fit`).
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss (negative held-out evidence per row) of each outer
         iteration.
@@ -348,8 +353,8 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
 
     # ----------------------------------------------------------- hooks
     def _model(self, n_features):
-        # The data-dependent decoder ("auto") is resolved by _validate_task_data.
-        decoder = self.decoder if self.decoder != "auto" else self.__dict__.get("decoder_")
+        # The decoder (with "auto", data-dependent) is resolved by _validate_task_data.
+        decoder = self._resolved_decoder()
         if decoder is None:  # pragma: no cover - _validate_task_data always runs first
             raise RuntimeError("decoder_ is not resolved yet")
         return VAELatent(
@@ -378,12 +383,58 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     def _make_meta_loss(self, model, tasks, meta_loss=None):
         return NegativeEvidence(n_particles=self.n_particles, batch_size=self.batch_size)
 
-    def _meta_fit_inputs(self, X, y, groups):
+    def meta_fit(self, X, y=None, groups=None, checkpoint=None, checkpoint_every=50):
+        """Meta-learn the divergence (and with ``meta_learn_init``, the initialisation).
+
+        Each distinct value of ``groups`` is one training task (a dataset, e.g.
+        the images of one digit).  Runs Algorithm 1 (Meta-D) or, with
+        ``meta_learn_init=True``, Algorithm 2 (Meta-D&phi) of Zhang et al.
+        (2021) for ``max_meta_iter`` outer iterations; the meta-loss is the
+        negative importance-weighted evidence of held-out rows of each task.
+        A VAE fitted before keeps its state (``decoder_`` included); a failed
+        call leaves the estimator as it was.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows of all training tasks.
+        y : None
+            Ignored.
+        groups : array-like of shape (n_samples,)
+            Task label of each row.
+        checkpoint : str or path, default=None
+            File for periodic checkpoints (see
+            :meth:`skmetavi.MetaDivergenceVI.meta_fit`); needs an int
+            ``random_state``.
+        checkpoint_every : int, default=50
+            Outer iterations between checkpoints.
+
+        Returns
+        -------
+        self : object
+            The estimator, with ``meta_divergence_`` (and ``meta_init_``,
+            ``meta_decoder_``) set.
+        """
         self._meta_fitting = True  # decoder="auto" is resolved from these data
         try:
-            return super()._meta_fit_inputs(X, y, groups)
+            super().meta_fit(X, y, groups, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every)
+            self.meta_decoder_ = self._meta_fit_decoder
         finally:
-            del self._meta_fitting
+            self.__dict__.pop("_meta_fitting", None)
+            self.__dict__.pop("_meta_fit_decoder", None)
+        return self
+
+    def _resolved_decoder(self):
+        if self.__dict__.get("_meta_fitting"):
+            return self.__dict__.get("_meta_fit_decoder")
+        return self.__dict__.get("decoder_")
+
+    @staticmethod
+    def _auto_decoder(X):
+        """``"bernoulli"`` for binary data (every value 0 or 1), else ``"gaussian"``."""
+        X = np.asarray(X)
+        return "bernoulli" if bool(np.all((X == 0) | (X == 1))) else "gaussian"
 
     def _validate_task_data(self, X, y, reset):
         for name in ("hidden_layer_sizes", "encoder_layer_sizes"):
@@ -397,35 +448,54 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                     "or () for linear maps."
                 )
         X = _validate_data(self, X, reset=reset, dtype=[np.float32, np.float64])
-        in_unit = bool(np.all((X >= 0) & (X <= 1)))
+        meta_fitting = bool(self.__dict__.get("_meta_fitting"))
+        learned = hasattr(self, "meta_init_") and not meta_fitting
         if reset:
             decoder = self.decoder
-            learned = hasattr(self, "meta_init_") and not getattr(self, "_meta_fitting", False)
-            if decoder == "auto" and learned:
+            if learned:
                 # The learned initialisation fixes the decoder it was meta-trained with.
-                decoder = "gaussian" if "dec_noise_raw" in self.meta_init_ else "bernoulli"
+                meta = self.__dict__.get("meta_decoder_") or (
+                    "gaussian" if "dec_noise_raw" in self.meta_init_ else "bernoulli")
+                if decoder not in ("auto", meta):
+                    raise ValueError(
+                        f"decoder={decoder!r}, but the learned initialisation (meta_init_) "
+                        f"was meta-trained with a {meta!r} decoder. Use decoder={meta!r} (or "
+                        "'auto'), or meta_fit again with the new decoder."
+                    )
+                decoder = meta
             elif decoder == "auto":
-                decoder = "bernoulli" if in_unit else "gaussian"
-            self.decoder_ = decoder
-        if self.__dict__.get("decoder_", self.decoder) == "bernoulli" and not in_unit:
+                decoder = self._auto_decoder(X)
+            if meta_fitting:
+                self._meta_fit_decoder = decoder
+            else:
+                self.decoder_ = decoder
+        else:
+            decoder = self._resolved_decoder()
+            if self.decoder not in ("auto", decoder):
+                raise ValueError(
+                    f"decoder={self.decoder!r}, but this MetaVAE was fitted with a {decoder!r} "
+                    "decoder (decoder_); set warm_start=False to fit a new one."
+                )
+        if decoder == "bernoulli" and not bool(np.all((X >= 0) & (X <= 1))):
             lo, hi = float(np.min(X)), float(np.max(X))
+            hint = ("binarise or rescale the data to [0, 1] (e.g. "
+                    "skmetavi.datasets.load_digits_tasks)")
+            if not learned:
+                hint += ", or use decoder='gaussian' for real-valued data"
             raise ValueError(
                 f"The Bernoulli decoder models values in [0, 1], but X ranges over "
-                f"[{lo:.4g}, {hi:.4g}]. Binarise or rescale the data (e.g. "
-                "skmetavi.datasets.load_digits_tasks), or use decoder='gaussian' for "
-                "real-valued data."
+                f"[{lo:.4g}, {hi:.4g}]: {hint}."
             )
         return X, None
 
     def _adapted_copies(self, data, random_states=None):
         # One batched run needs one decoder: resolve decoder="auto" over all the tasks.
         runner = copy.copy(self)
-        if self.decoder == "auto" and not hasattr(self, "meta_init_"):
-            kinds = {"bernoulli" if bool(np.all((np.asarray(X) >= 0) & (np.asarray(X) <= 1)))
-                     else "gaussian" for X, _ in data}
+        if self.decoder == "auto" and not hasattr(self, "meta_init_") and data:
+            kinds = {self._auto_decoder(X) for X, _ in data}
             if len(kinds) > 1:
                 raise ValueError(
-                    "decoder='auto' resolves to 'bernoulli' for some tasks (values in [0, 1]) "
+                    "decoder='auto' resolves to 'bernoulli' for some tasks (binary values) "
                     "and to 'gaussian' for others; set decoder explicitly."
                 )
             runner.decoder_ = kinds.pop()
@@ -436,7 +506,31 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
 
     @property
     def _n_features_out(self):
+        check_is_fitted(self)
         return self.n_components
+
+    def fit_transform(self, X, y=None):
+        """Fit to ``X`` and return the posterior means of its rows.
+
+        For ``inference="factorized"`` these are the fitted per-row q's means
+        (``transform`` of the same rows would fit new ones).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The task's rows.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_components)
+            Mean of ``q(z | x)`` of every row.
+        """
+        self.fit(X)
+        if self.inference == "factorized":
+            return _torch.to_numpy(self.variational_params_["z_loc"][0])
+        return self.transform(X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -445,8 +539,14 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         return tags
 
     # ------------------------------------------------------- internals
-    def _torch_X(self, X):
-        return _torch.as_tensor(X, device=self._device, dtype=self._dtype)
+    def _setup_predict(self):
+        """Torch settings of the prediction methods: float64 whatever ``dtype``.
+
+        float32 matrix products round differently for different numbers of rows,
+        so a row's value would depend on the rows it is computed with.
+        """
+        self._setup_torch()
+        self._dtype = torch.float64
 
 
     def _row_view(self, model, params, rows):
@@ -462,7 +562,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         ``start`` (``(loc, scale)``) or the prior.
         """
         check_is_fitted(self)
-        self._setup_torch()
+        self._setup_predict()
         vae = self._model(self.n_features_in_)
         params = self._q_params()
         if self.inference == "amortized" and start is None:
@@ -503,7 +603,9 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         their order.
         """
         n_rows, k_dim = X.shape[0], self.n_components
-        sample_chunk = max(1, _CHUNK_FLOATS // (_ROW_CHUNK * max(1, self.n_features_in_)))
+        vae = self._model(self.n_features_in_)
+        widest = max((self.n_features_in_, *vae.hidden_layer_sizes, *vae.encoder_layer_sizes))
+        sample_chunk = max(1, _CHUNK_FLOATS // (_ROW_CHUNK * widest))
         sample_chunk = max(multiple, sample_chunk // multiple * multiple)
         like = dict(dtype=self._dtype, device=self._device)
         out = []
@@ -555,7 +657,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         """
         check_is_fitted(self)
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_torch()
+        self._setup_predict()
         return self._log_likelihood(X, self.n_score_samples)
 
     def score(self, X, y=None):
@@ -591,7 +693,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         """
         check_is_fitted(self)
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_torch()
+        self._setup_predict()
         model, params = self._posterior(X)
         with torch.no_grad():
             loc, _ = model.q_loc_scale(params, self._pad([X]))
@@ -618,7 +720,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                 f"n_components={self.n_components}; pass points of shape "
                 f"(n_samples, {self.n_components})."
             )
-        self._setup_torch()
+        self._setup_predict()
         model = self._model(self.n_features_in_)
         z = _torch.as_tensor(Z, device=self._device, dtype=self._dtype)[None, :, None]
         with torch.no_grad():
@@ -653,7 +755,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             seed = self._sample_seed
         else:
             seed = _torch.seed_from_random_state(_check_random_state(random_state))
-        self._setup_torch()
+        self._setup_predict()
         gen = _torch.make_generator(seed, self._device)
         model = self._model(self.n_features_in_)
         params = self._q_params()
@@ -691,9 +793,11 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             ``"elbo"``: ``E_q[log p(x, z) - log q(z | x)]``, the standard
             definition.  ``"divergence"``: the bound the encoder was trained
             on, ``divergence_.bound`` over groups of ``n_particles`` samples
-            (the VR bound of a Rényi divergence; the ELBO for KL), averaged
-            over the groups; the per-row optimum is then fitted with that
-            divergence and ``n_particles`` samples per step.
+            (the VR bound of a Rényi divergence; the ELBO for KL and for the
+            divergences without a bound of their own, f-divergences and
+            tail-adaptive), averaged over the groups; the per-row optimum is
+            then fitted with that divergence and ``n_particles`` samples per
+            step.
 
         Returns
         -------
@@ -715,7 +819,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         if bound not in ("elbo", "divergence"):
             raise ValueError(f"bound must be 'elbo' or 'divergence', got {bound!r}.")
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_torch()
+        self._setup_predict()
         vae, params = self._posterior(X)
         with torch.no_grad():
             start = vae.q_loc_scale(params, self._pad([X]))
