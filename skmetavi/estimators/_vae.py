@@ -14,6 +14,7 @@ the encoder (:class:`skmetavi.models.VAELatent`).
 # SPDX-License-Identifier: BSD-3-Clause
 
 import copy
+import functools
 import math
 from numbers import Integral, Real
 
@@ -38,6 +39,23 @@ _CHUNK_FLOATS = 2**23
 #: Rows per chunk of the importance-sampling estimates and of the local (per-row) fits.
 _ROW_CHUNK = 256
 _LOCAL_CHUNK = 2048
+
+
+def _in_float64(method):
+    """Run a prediction method on a shallow copy set up for float64 (the fitted state is shared).
+
+    float32 matrix products round differently for different numbers of rows, so a
+    row's value would depend on the rows it is computed with; the copy keeps the
+    estimator's own attributes unchanged.
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        check_is_fitted(self)
+        est = copy.copy(self)
+        est._setup_predict()
+        return method(est, *args, **kwargs)
+
+    return wrapper
 
 
 def _inverse_softplus(t):
@@ -430,6 +448,11 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             return self.__dict__.get("_meta_fit_decoder")
         return self.__dict__.get("decoder_")
 
+    def _learned_decoder(self):
+        """The decoder of the learned initialisation (``meta_init_``)."""
+        return self.__dict__.get("meta_decoder_") or (
+            "gaussian" if "dec_noise_raw" in self.meta_init_ else "bernoulli")
+
     @staticmethod
     def _auto_decoder(X):
         """``"bernoulli"`` for binary data (every value 0 or 1), else ``"gaussian"``."""
@@ -454,8 +477,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             decoder = self.decoder
             if learned:
                 # The learned initialisation fixes the decoder it was meta-trained with.
-                meta = self.__dict__.get("meta_decoder_") or (
-                    "gaussian" if "dec_noise_raw" in self.meta_init_ else "bernoulli")
+                meta = self._learned_decoder()
                 if decoder not in ("auto", meta):
                     raise ValueError(
                         f"decoder={decoder!r}, but the learned initialisation (meta_init_) "
@@ -491,7 +513,11 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     def _adapted_copies(self, data, random_states=None):
         # One batched run needs one decoder: resolve decoder="auto" over all the tasks.
         runner = copy.copy(self)
-        if self.decoder == "auto" and not hasattr(self, "meta_init_") and data:
+        if hasattr(self, "meta_init_"):
+            runner.decoder_ = self._learned_decoder()
+        elif self.decoder != "auto":
+            runner.decoder_ = self.decoder
+        elif data:
             kinds = {self._auto_decoder(X) for X, _ in data}
             if len(kinds) > 1:
                 raise ValueError(
@@ -508,35 +534,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     def _n_features_out(self):
         check_is_fitted(self)
         return self.n_components
-
-    def fit_transform(self, X, y=None):
-        """Fit to ``X`` and return the posterior means of its rows.
-
-        For ``inference="factorized"`` these are the fitted per-row q's means
-        (``transform`` of the same rows would fit new ones).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            The task's rows.
-        y : None
-            Ignored.
-
-        Returns
-        -------
-        Z : ndarray of shape (n_samples, n_components)
-            Mean of ``q(z | x)`` of every row.
-        """
-        self.fit(X)
-        if self.inference == "factorized":
-            return _torch.to_numpy(self.variational_params_["z_loc"][0])
-        return self.transform(X)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = self.random_state is None
-        tags.target_tags.required = False
-        return tags
 
     # ------------------------------------------------------- internals
     def _setup_predict(self):
@@ -636,6 +633,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         return _torch.to_numpy(log_px)
 
     # ------------------------------------------------------ public API
+    @_in_float64
     def score_samples(self, X):
         """Importance-weighted estimate of the log-likelihood ``log p(x)`` of each row.
 
@@ -678,6 +676,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         """
         return float(np.mean(self.score_samples(X)))
 
+    @_in_float64
     def transform(self, X):
         """Posterior mean of z for each row (the encoder's, or the fitted per-row q's).
 
@@ -699,6 +698,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             loc, _ = model.q_loc_scale(params, self._pad([X]))
         return _torch.to_numpy(loc[0])
 
+    @_in_float64
     def inverse_transform(self, Z):
         """Decoder mean ``E[x | z]`` (pixel probabilities, or the Gaussian mean).
 
@@ -729,6 +729,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                 out = torch.sigmoid(out)
         return _torch.to_numpy(out)
 
+    @_in_float64
     def sample(self, n_samples=1, random_state=None):
         """Generate rows: ``z ~ N(0, I)``, then ``x ~ p(x | z)``.
 
@@ -771,6 +772,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                 x = out + model.noise(params)[0] * noise
         return _torch.to_numpy(x)
 
+    @_in_float64
     def amortization_gap(self, X, n_samples=1000, bound="elbo"):
         """How much of a variational bound the encoder loses against the best free q per row.
 

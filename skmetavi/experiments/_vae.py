@@ -35,9 +35,9 @@ BUDGETS = {
         n_test_rows=None, n_score=1000, n_particles=5,
     ),
     "paper": dict(
-        data="mnist", n_components=20, hidden=(200,), meta_iter=1500, alg2_iter=600,
-        t6_points=6000, t6_epochs=50, t7_points=100, t7_epochs=200, t7_subsets=20,
-        n_test_rows=500, n_score=5000, n_particles=5,
+        data="mnist", n_components=20, hidden=(200,), meta_iter=300, alg2_iter=150,
+        t6_points=6000, t6_epochs=20, t7_points=100, t7_epochs=200, t7_subsets=20,
+        n_test_rows=200, n_score=5000, n_particles=5,
     ),
     "smoke": dict(
         data="digits", n_components=2, hidden=(8,), meta_iter=3, alg2_iter=2,
@@ -51,7 +51,7 @@ TRAIN = dict(batch_size=100, inner_optimizer="adam", inner_lr=1e-3, meta_lr=0.01
              activation="tanh")
 #: Algorithm 2: B inner steps from the learned initialisation (a fresh Adam hides the
 #: divergence from the first step's meta-gradient only).
-ALG2 = dict(n_inner_steps=5, init_lr=1e-3)
+ALG2 = dict(n_inner_steps=5, init_lr=1e-3, n_tasks_per_batch=8)
 NEURAL_F = dict(hidden_layer_sizes=(16,), init_alpha=1.0)
 DEVICE = os.environ.get("SKMETAVI_DEVICE", "cpu")
 
