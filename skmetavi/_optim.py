@@ -125,6 +125,10 @@ class Adam:
         c1 = 1 - b1**step  # (M,)
         c2 = 1 - b2**step
         new_params, m_new, v_new, count_new = {}, {}, {}, {}
+        # lr m_hat / sqrt(v_hat + eps^2) = (lr sqrt(c2) / c1) m / sqrt(v + c2 eps^2): per-task
+        # scalars computed once, so that the elementwise work is a few fused kernels.
+        lr_task = self.lr * state["lr_scale"]
+        a_task, e_task = lr_task * torch.sqrt(c2) / c1, c2 * self.eps**2
         for k, p in params.items():
             g = direction[k]
             m = torch.lerp(g, state["m"][k], b1)  # b1 m + (1 - b1) g, one kernel
@@ -132,14 +136,10 @@ class Adam:
             if k in state["count"]:  # per-row bias correction (lazy Adam)
                 count_new[k] = state["count"][k] + 1  # (M, n_rows)
                 bc1, bc2 = 1 - b1 ** count_new[k], 1 - b2 ** count_new[k]
+                a = _bcast(_bcast(lr_task, bc1) * torch.sqrt(bc2) / bc1, p)
+                e = _bcast(bc2 * self.eps**2, p)
             else:
-                bc1, bc2 = c1, c2
-            # lr m_hat / sqrt(v_hat + eps^2) = (lr sqrt(c2) / c1) m / sqrt(v + c2 eps^2):
-            # per-task scalars, so that the elementwise work is a few fused kernels.
-            a = _bcast(self.lr * state["lr_scale"] * torch.sqrt(bc2) / bc1
-                       if bc1.ndim == 1 else
-                       _bcast(self.lr * state["lr_scale"], bc1) * torch.sqrt(bc2) / bc1, p)
-            e = _bcast(bc2 * self.eps**2, p)
+                a, e = _bcast(a_task, p), _bcast(e_task, p)
             new_params[k] = torch.addcdiv(p, a * m, torch.sqrt(v + e))
             m_new[k], v_new[k] = m, v
         return new_params, {"lr_scale": state["lr_scale"], "step": step, "m": m_new, "v": v_new,
