@@ -114,6 +114,18 @@ def _test_rows(X, g, digit, n, rng):
     return X[rows]
 
 
+def _test_tasks(Xtr, gtr, Xte, gte, n_points, budget, seed):
+    """Each test digit's ``n_points`` training images and its test images."""
+    rng = np.random.RandomState(seed)
+    fit_sets, test_sets = [], []
+    for d in TEST_DIGITS:
+        rows = np.flatnonzero(gtr == d)
+        pick = rng.choice(rows, min(n_points, len(rows)), replace=False)
+        fit_sets.append(Xtr[np.sort(pick)])
+        test_sets.append(_test_rows(Xte, gte, d, budget["n_test_rows"], rng))
+    return fit_sets, test_sets
+
+
 def evaluate(est, fit_sets, test_sets, seed):
     """Fit a VAE on every test digit at once; return per-digit test LL and the fitted copies."""
     copies = est._adapted_copies([(Xf, None) for Xf in fit_sets],
@@ -136,13 +148,7 @@ def _alpha(est):
 def table6(budget, seed):
     """Meta-D: VI, VI(alpha=0.5), meta-alpha, meta-f; test LL per digit 5-9."""
     Xtr, gtr, Xte, gte = load_tasks(budget, seed)
-    rng = np.random.RandomState(seed)
-    fit_sets, test_sets = [], []
-    for d in TEST_DIGITS:
-        rows = np.flatnonzero(gtr == d)
-        fit_sets.append(Xtr[np.sort(rng.choice(rows, min(budget["t6_points"], len(rows)),
-                                               replace=False))])
-        test_sets.append(_test_rows(Xte, gte, d, budget["n_test_rows"], rng))
+    fit_sets, test_sets = _test_tasks(Xtr, gtr, Xte, gte, budget["t6_points"], budget, seed)
     meta = np.isin(gtr, TRAIN_DIGITS)
     results, info = {}, {}
     for name in PAPER6:
@@ -183,12 +189,7 @@ def _alg2_tasks(X, g, budget, seed):
 def table7(budget, seed):
     """Meta-D&phi: VI&phi, meta-alpha&phi, meta-f&phi; test LL per digit 5-9."""
     Xtr, gtr, Xte, gte = load_tasks(budget, seed)
-    rng = np.random.RandomState(seed)
-    fit_sets, test_sets = [], []
-    for d in TEST_DIGITS:
-        rows = np.flatnonzero(gtr == d)
-        fit_sets.append(Xtr[np.sort(rng.choice(rows, budget["t7_points"], replace=False))])
-        test_sets.append(_test_rows(Xte, gte, d, budget["n_test_rows"], rng))
+    fit_sets, test_sets = _test_tasks(Xtr, gtr, Xte, gte, budget["t7_points"], budget, seed)
     Xa, ga = _alg2_tasks(Xtr, gtr, budget, seed)
     results, info = {}, {}
     base = {"VI&φ": KL(), "meta-α&φ": Renyi(1.0), "meta-f&φ": NeuralF(**NEURAL_F)}
