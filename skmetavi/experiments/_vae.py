@@ -36,7 +36,7 @@ BUDGETS = {
     ),
     "paper": dict(
         data="mnist", n_components=20, hidden=(200,), meta_iter=300, alg2_iter=150,
-        t6_points=6000, t6_epochs=20, t7_points=100, t7_epochs=200, t7_subsets=20,
+        t6_points=6000, t6_epochs=80, t7_points=100, t7_epochs=200, t7_subsets=20,
         n_test_rows=200, n_score=5000, n_particles=5,
     ),
     "smoke": dict(
