@@ -653,9 +653,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         log_likelihood : ndarray of shape (n_samples,)
             Estimated ``log p(x)`` of each row (nats).
         """
-        check_is_fitted(self)
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_predict()
         return self._log_likelihood(X, self.n_score_samples)
 
     def score(self, X, y=None):
@@ -690,9 +688,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         Z : ndarray of shape (n_samples, n_components)
             Mean of ``q(z | x)``.
         """
-        check_is_fitted(self)
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_predict()
         model, params = self._posterior(X)
         with torch.no_grad():
             loc, _ = model.q_loc_scale(params, self._pad([X]))
@@ -712,7 +708,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         X : ndarray of shape (n_samples, n_features)
             Mean of ``p(x | z)``.
         """
-        check_is_fitted(self)
         Z = _check_array(Z, dtype=[np.float64, np.float32], input_name="Z")
         if Z.shape[1] != self.n_components:
             raise ValueError(
@@ -720,7 +715,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
                 f"n_components={self.n_components}; pass points of shape "
                 f"(n_samples, {self.n_components})."
             )
-        self._setup_predict()
         model = self._model(self.n_features_in_)
         z = _torch.as_tensor(Z, device=self._device, dtype=self._dtype)[None, :, None]
         with torch.no_grad():
@@ -747,7 +741,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             Binary rows (Bernoulli decoder) or real rows (Gaussian decoder);
             :meth:`inverse_transform` of ``Z`` gives the decoder's means.
         """
-        check_is_fitted(self)
         if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(
                 f"n_samples must be a positive int, the number of rows; got {n_samples!r}."
@@ -756,7 +749,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             seed = self._sample_seed
         else:
             seed = _torch.seed_from_random_state(_check_random_state(random_state))
-        self._setup_predict()
         gen = _torch.make_generator(seed, self._device)
         model = self._model(self.n_features_in_)
         params = self._q_params()
@@ -809,7 +801,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
             its mean (float); ``stderr``: the Monte Carlo standard error of
             ``mean_gap`` over rows (float).
         """
-        check_is_fitted(self)
         if self.inference != "amortized":
             raise ValueError(
                 "amortization_gap compares an encoder with per-row inference; this "
@@ -821,7 +812,6 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         if bound not in ("elbo", "divergence"):
             raise ValueError(f"bound must be 'elbo' or 'divergence', got {bound!r}.")
         X, _ = self._validate_task_data(X, None, reset=False)
-        self._setup_predict()
         vae, params = self._posterior(X)
         with torch.no_grad():
             start = vae.q_loc_scale(params, self._pad([X]))
