@@ -4,7 +4,7 @@
 # SPDX-License-Identifier: BSD-3-Clause
 
 from skmetavi.divergences import KL, FDivergence, LocalRenyi, NeuralF, Renyi, TailAdaptive
-from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaVAE
+from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaPartialVAE, MetaVAE
 
 __version__ = "0.1.0.dev0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "LocalRenyi",
     "MetaBNNRegressor",
     "MetaDivergenceVI",
+    "MetaPartialVAE",
     "MetaVAE",
     "NeuralF",
     "Renyi",

@@ -16,7 +16,10 @@ import torch
 
 from skmetavi._tasks import gather_rows, minibatch
 
-__all__ = ["QuadratureLoss", "PredictiveNLL", "NegativeEvidence", "CallableMetaLoss"]
+__all__ = [
+    "QuadratureLoss", "PredictiveNLL", "NegativeEvidence", "HeldOutEntriesNLL",
+    "CallableMetaLoss",
+]
 
 
 def _reference(model, params):
@@ -120,6 +123,33 @@ class NegativeEvidence:
         valid = site_w != 0
         log_ev = torch.where(valid, log_ev, torch.zeros_like(log_ev))
         return -log_ev.sum(-1) / valid.sum(-1).clamp(min=1).to(log_ev.dtype)
+
+
+class HeldOutEntriesNLL:
+    """Negative log predictive density of held-out entries, per held-out entry (a partial VAE).
+
+    Every row's observed entries (field ``obs``) go through the encoder; its
+    held-out entries (field ``target``, values in ``y``) are scored jointly,
+    ``log (1/K) sum_k p(y_target | z_k)`` with ``z_k ~ q(z | x_obs)``.  The
+    sum over rows is divided by the number of held-out entries, so the loss
+    is per entry (a rating).  With ``batch_size`` a random minibatch of each
+    task's rows is used.  Needs a model with ``heldout_log_prob``.
+    """
+
+    def __init__(self, n_particles=50, batch_size=None):
+        self.n_particles = n_particles
+        self.batch_size = batch_size
+
+    def __call__(self, model, params, tasks, generator=None):
+        if self.batch_size is not None:
+            tasks = minibatch(tasks, self.batch_size, generator)
+        eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
+        z = model.rsample(params, tasks, eps)
+        log_lik = model.heldout_log_prob(params, tasks, z)  # (M, S, K)
+        lpd = torch.logsumexp(log_lik, -1) - math.log(self.n_particles)  # (M, S)
+        lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))
+        counts = (tasks.fields["target"] & tasks.mask.unsqueeze(-1)).sum((-2, -1))
+        return -lpd.sum(-1) / counts.clamp(min=1).to(lpd.dtype)
 
 
 class CallableMetaLoss:

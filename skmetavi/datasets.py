@@ -15,9 +15,18 @@ from sklearn.datasets import get_data_home, load_digits
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, Options, StrOptions, validate_params
 
+from skmetavi._movielens import fetch_movielens_tasks
+from skmetavi._ratings import split_ratings
 from skmetavi._validation import _check_random_state
 
-__all__ = ["fetch_mnist_tasks", "load_digits_tasks", "make_mog_tasks", "make_sinusoid_tasks"]
+__all__ = [
+    "fetch_mnist_tasks",
+    "fetch_movielens_tasks",
+    "load_digits_tasks",
+    "make_mog_tasks",
+    "make_sinusoid_tasks",
+    "split_ratings",
+]
 
 _DEFAULT_RANGES = {
     "x_range": (-4.0, 4.0),

@@ -6,7 +6,7 @@
 import time
 from pathlib import Path
 
-from skmetavi.experiments import _bnn, _mog, _vae
+from skmetavi.experiments import _bnn, _mog, _partial_vae, _vae
 from skmetavi.experiments._report import Row, format_table, write_results
 
 __all__ = ["EXPERIMENTS", "reproduce", "Row"]
@@ -40,6 +40,11 @@ EXPERIMENTS = {
     "table7": (
         "VAE digits 5-9, Meta-D&phi (few points): VI&phi / meta-alpha&phi / meta-f&phi, test LL",
         _vae.table7, _vae.BUDGETS, _vae.plot_figure, _vae.config,
+    ),
+    "fig4": (
+        "Partial VAE, MovieLens age groups: test LL vs adaptation iterations, Meta-D (90/10) "
+        "and Meta-D&phi (60/40), with recommender baselines",
+        _partial_vae.fig4, _partial_vae.BUDGETS, _partial_vae.plot_figure4, _partial_vae.config,
     ),
 }
 

@@ -6,6 +6,7 @@
 from skmetavi.models._bnn import BNNRegression
 from skmetavi.models._linear_gaussian import LinearGaussianLatent
 from skmetavi.models._protocol import GlobalLatent, LatentModel
+from skmetavi.models._partial_vae import PartialVAELatent
 from skmetavi.models._vae import VAELatent
 from skmetavi.models._families import (
     FAMILY_NAMES,
@@ -36,6 +37,7 @@ __all__ = [
     "LatentModel",
     "LinearGaussianLatent",
     "MeanFieldGaussian",
+    "PartialVAELatent",
     "Target",
     "VAELatent",
     "make_family",
