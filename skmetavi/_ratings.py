@@ -68,7 +68,7 @@ def _n_heldout(n, fraction):
     return int(min(n - 1, max(1, round(fraction * n))))
 
 
-def split_ratings(X, heldout_fraction=0.1, random_state=None):
+def split_ratings(X, heldout_fraction=0.1, random_state=None, *, sparse_output=True):
     """Split every row's observed ratings into observed and held-out parts.
 
     A row with ``n >= 2`` ratings holds out ``round(heldout_fraction * n)``
@@ -85,10 +85,13 @@ def split_ratings(X, heldout_fraction=0.1, random_state=None):
         Fraction of each row's ratings held out.
     random_state : int, RandomState instance or None, default=None
         Seed of the split.
+    sparse_output : bool, default=True
+        Return CSR matrices; False: dense float64 arrays with ``NaN`` where an
+        entry is not in the part (what ``cross_validate``'s ``y`` accepts).
 
     Returns
     -------
-    X_observed, X_heldout : scipy.sparse.csr_matrix of shape (n_users, n_items)
+    X_observed, X_heldout : scipy.sparse.csr_matrix or ndarray of shape (n_users, n_items)
         Disjoint parts whose sum is ``X`` (float64).
 
     See Also
@@ -121,7 +124,13 @@ def split_ratings(X, heldout_fraction=0.1, random_state=None):
         if k:
             rng = np.random.default_rng(_row_seed(seed, csr.indices[lo:hi], csr.data[lo:hi]))
             held[lo + rng.choice(hi - lo, size=k, replace=False)] = True
-    return _mask_entries(csr, ~held), _mask_entries(csr, held)
+    parts = _mask_entries(csr, ~held), _mask_entries(csr, held)
+    return parts if sparse_output else tuple(_to_dense_nan(p) for p in parts)
+
+
+def _to_dense_nan(csr):
+    values, observed = densify_rows(csr)
+    return np.where(observed, values, np.nan)
 
 
 def _mask_entries(csr, keep):

@@ -36,9 +36,10 @@ from sklearn.utils.validation import (
 )
 
 from skmetavi._validation import _check_random_state, _validate_data, _with_hint, check_groups
+from skmetavi._task_imputer import TaskAdaptiveImputer
 from skmetavi.metrics import _SCORE_FUNCS, SCORERS
 
-__all__ = ["support_query_split", "TaskAdaptiveRegressor"]
+__all__ = ["support_query_split", "TaskAdaptiveImputer", "TaskAdaptiveRegressor"]
 
 
 def _n_support(n_rows, support_size, label):

@@ -10,7 +10,7 @@ from sklearn.utils.estimator_checks import check_param_validation, parametrize_w
 import skmetavi.estimators
 import skmetavi.model_selection
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaPartialVAE, MetaVAE
-from skmetavi.model_selection import TaskAdaptiveRegressor
+from skmetavi.model_selection import TaskAdaptiveImputer, TaskAdaptiveRegressor
 
 # A tiny Bayesian MLP: a few hundred weights, 30 epochs, 4 particles.
 FAST_BNN = dict(
@@ -65,6 +65,10 @@ INIT_PARAMS = {
         dict(divergence="renyi", encoder_layer_sizes=(8,), decoder_layer_sizes=(8,),
              noise_std=0.2, max_iter=10, n_score_samples=50, dtype="float64", random_state=0),
     ],
+    # The imputers' cross-validation-over-groups wrapper; without groups, the imputer.
+    TaskAdaptiveImputer: dict(estimator=MetaPartialVAE(
+        encoder_layer_sizes=(8,), decoder_layer_sizes=(8,), max_iter=10, n_score_samples=50,
+        random_state=0)),
     # The cross-validation-over-tasks wrapper; without groups it is a plain regressor.
     TaskAdaptiveRegressor: dict(estimator=MetaBNNRegressor(**FAST_BNN), random_state=0),
 }
@@ -78,6 +82,10 @@ EXPECTED_FAILED_CHECKS = {
     MetaPartialVAE: {
         # score(X, y) reads y as the held-out ratings matrix (users x items, 2-D): the
         # 1-D y of these checks is refused with a ValueError rather than silently ignored.
+        "check_fit_score_takes_y": "score's y is the 2-D matrix of held-out ratings",
+        "check_pipeline_consistency": "score's y is the 2-D matrix of held-out ratings",
+    },
+    TaskAdaptiveImputer: {
         "check_fit_score_takes_y": "score's y is the 2-D matrix of held-out ratings",
         "check_pipeline_consistency": "score's y is the 2-D matrix of held-out ratings",
     },

@@ -298,3 +298,35 @@ def test_clear_errors(fitted):
     with pytest.raises(ValueError, match="both observed"):
         MetaPartialVAE(divergence="renyi", max_meta_iter=1, **SMALL).meta_fit(
             obs + held, held, groups=groups)
+
+
+# ----------------------------------------------------------------- the task-level wrapper
+def test_task_adaptive_imputer_cross_validates_over_groups(group_data):
+    import sklearn
+
+    from skmetavi.model_selection import TaskAdaptiveImputer
+
+    obs, held, groups = group_data
+    X, y = (np.where(A.toarray() > 0, A.toarray(), np.nan) for A in (obs, held))  # NaN: missing
+    vae = MetaPartialVAE(divergence="renyi", max_meta_iter=3, max_iter=5, **SMALL)
+    with sklearn.config_context(enable_metadata_routing=True):
+        cv = cross_validate(TaskAdaptiveImputer(vae), X, y, cv=GroupKFold(2),
+                            params={"groups": groups}, return_estimator=True,
+                            return_indices=True)
+    for k, (wrapper, test) in enumerate(zip(cv["estimator"], cv["indices"]["test"])):
+        train = np.setdiff1d(np.arange(len(groups)), test)
+        # The same as meta_fit on the training groups, then fit and score each held-out group.
+        ref = clone(vae).meta_fit(X[train], y[train], groups=groups[train])
+        assert wrapper.estimator_.meta_divergence_.alpha == pytest.approx(
+            float(ref.meta_divergence_.alpha))
+        scores = [ref._adapted_copies([(X[test][groups[test] == g], None)])[0].score(
+            X[test][groups[test] == g], y[test][groups[test] == g])
+            for g in np.unique(groups[test])]
+        assert cv["test_score"][k] == pytest.approx(np.mean(scores), rel=1e-6)
+    baseline = TaskAdaptiveImputer(vae, meta_learn=False).fit(X, y, groups=groups)
+    assert not hasattr(baseline.estimator_, "meta_divergence_")
+    assert np.isfinite(baseline.score(X, y, groups=groups))
+    with pytest.raises(ValueError, match="single task"):
+        baseline.transform(X)
+    single = TaskAdaptiveImputer(vae).fit(X)
+    np.testing.assert_allclose(single.transform(X), clone(vae).fit(X).transform(X))

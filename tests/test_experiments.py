@@ -65,3 +65,37 @@ def test_bayesian_optimization_finds_minimum_of_smooth_function():
     assert abs(res.best_after(12) - 0.7) < 0.05
     assert res.best_after(12) == res.x[int(min(range(12), key=lambda i: res.y[i]))]
     assert len(res.t) == 12 and res.seconds_after(8) <= res.seconds_after(12)
+
+
+def _write_ml100k(folder, seed=0):
+    """Small files in ml-100k's format: 14 users in each of the seven age groups."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    ages = [12, 20, 30, 40, 47, 52, 60]
+    users = [(u + 1, ages[u % 7]) for u in range(98)]
+    folder.mkdir(parents=True)
+    (folder / "u.user").write_text(
+        "".join(f"{u}|{a}|M|other|12345\n" for u, a in users))
+    lines = []
+    for u, _ in users:
+        for item in rng.choice(60, 25, replace=False) + 1:
+            lines.append(f"{u}\t{item}\t{rng.randint(1, 6)}\t881250949\n")
+    (folder / "u.data").write_text("".join(lines))
+
+
+def test_fig4_writes_curves_and_baselines(tmp_path, monkeypatch):
+    """Fig. 4 on small files in ml-100k's format (the real data is not needed)."""
+    _write_ml100k(tmp_path / "data" / "movielens" / "ml-100k")
+    monkeypatch.setenv("SKMETAVI_DATA", str(tmp_path / "data"))
+    payload = reproduce("fig4", budget="smoke", out=tmp_path, seed=1, verbose=False)
+    rows = {(r["method"], r["metric"]): r["ours"] for r in payload["rows"]}
+    for name in ("VI", "VI (α=0.5)", "meta-α", "meta-f"):
+        assert ("%s" % name, "test LL per rating, last iteration (90/10)") in rows
+    for name in ("VI&φ", "meta-α&φ", "meta-f&φ"):
+        assert (name, "test RMSE, last iteration (60/40)") in rows
+    assert ("baseline item_mean", "test RMSE (90/10)") in rows
+    assert all(isinstance(v, float) for v in rows.values())
+    assert (tmp_path / "fig4.png").stat().st_size > 10_000
+    config = json.loads((tmp_path / "fig4.config.json").read_text())
+    assert config["test_groups"] == [1, 50, 56]

@@ -460,6 +460,22 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
                 self.rating_range_ = rr
         return X, y
 
+    def _adapted_copies(self, data, random_states=None):
+        # One batched run has one scaling: rating_range="auto" is resolved over all the tasks
+        # (the range meta_fit saw, if any), and every copy keeps it.
+        runner = copy.copy(self)
+        runner._validate_params()
+        runner._setup_torch()
+        if "_meta_fit_range" not in self.__dict__:
+            csrs = [runner._check_ratings(X, "X", reset=True) for X, _ in data]
+            merged = sp.vstack(csrs, format="csr") if csrs else sp.csr_matrix((0, 0))
+            runner.rating_range_ = runner._resolve_range(merged, None)
+        copies = _BaseMetaVI._adapted_copies(runner, data, random_states)
+        if "_meta_fit_range" not in self.__dict__:
+            for est in copies:
+                est.rating_range_ = runner.rating_range_
+        return copies
+
     @staticmethod
     def _check_disjoint(X, y):
         both = X.copy()
