@@ -30,10 +30,13 @@ def synthetic_ml1m(seed=0, n_items=3706, n_ratings=1_000_209):
     rng = np.random.RandomState(seed)
     groups = np.concatenate([np.full(n, g) for g, n in ML1M_GROUPS.items()])
     n_users = groups.size
-    extra = rng.pareto(1.5, n_users)
+    # ml-1m: at least 20 ratings per user, median 96, at most 2314.
+    extra = np.minimum(rng.lognormal(np.log(70.0), 1.1, n_users), 2294.0)
     counts = 20 + np.floor(extra / extra.sum() * (n_ratings - 20 * n_users)).astype(int)
-    counts[: n_ratings - counts.sum()] += 1
-    counts = np.minimum(counts, n_items)
+    counts = np.minimum(counts, 2314)
+    short = n_ratings - counts.sum()
+    room = np.flatnonzero(counts < 2314)
+    counts[rng.choice(room, short, replace=False)] += 1
     pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
     pop /= pop.sum()
     rows, cols = [], []

@@ -15,7 +15,7 @@ from sklearn.model_selection import GroupKFold, cross_validate
 from sklearn.pipeline import make_pipeline
 from torch.nn import functional as F
 
-from skmetavi import MetaPartialVAE
+from skmetavi import MetaPartialVAE, Renyi
 from skmetavi._ratings import split_ratings
 from skmetavi._tasks import pad_tasks
 from skmetavi.estimators import _partial_vae
@@ -237,10 +237,13 @@ def group_data():
 
 def test_meta_fit_learns_alpha(group_data):
     obs, held, groups = group_data
-    est = MetaPartialVAE(divergence="renyi", max_meta_iter=40, meta_lr=0.05, **SMALL)
+    frozen = MetaPartialVAE(divergence=Renyi(1.0), max_meta_iter=40, meta_lr=1e-12, **SMALL)
+    frozen.meta_fit(obs, held, groups=groups)
+    assert float(frozen.meta_divergence_.alpha) == pytest.approx(1.0, abs=1e-6)  # the control
+    est = MetaPartialVAE(divergence=Renyi(1.0), max_meta_iter=40, meta_lr=0.05, **SMALL)
     est.meta_fit(obs, held, groups=groups)
     alpha = float(est.meta_divergence_.alpha)
-    assert abs(alpha - 1.0) > 0.02  # Renyi starts at alpha = 1 (KL)
+    assert abs(alpha - 1.0) > 0.05  # moved from its start, KL
     assert est.meta_loss_curve_.shape == (40,) and np.isfinite(est.meta_loss_curve_).all()
     assert est.meta_loss_curve_[-10:].mean() < est.meta_loss_curve_[:10].mean()
     assert est.meta_rating_range_ == (1.0, 5.0)
@@ -260,14 +263,17 @@ def test_meta_fit_without_y_hides_heldout_fraction(group_data):
 
 def test_meta_learned_init_moves_and_helps(group_data):
     obs, held, groups = group_data
-    est = MetaPartialVAE(meta_learn_init=True, n_inner_steps=2, max_meta_iter=30, init_lr=1e-2,
-                         **SMALL)
-    est.meta_fit(obs[groups > 0], held[groups > 0], groups=groups[groups > 0])
-    fresh = MetaPartialVAE(**SMALL)._model(30).init_params(
-        pad_tasks([torch.zeros((1, 30), dtype=torch.float32)], obs=[torch.zeros((1, 30),
-                  dtype=torch.bool)]), generator=torch.Generator().manual_seed(0))
-    moved = max(float((est.meta_init_[k] - fresh[k]).abs().max()) for k in fresh)
+    train = groups > 0
+    fits = {}
+    for lr in (1e-12, 1e-2):  # a frozen control, then the real run from the same start
+        fits[lr] = MetaPartialVAE(meta_learn_init=True, n_inner_steps=2, max_meta_iter=30,
+                                  init_lr=lr, **SMALL)
+        fits[lr].meta_fit(obs[train], held[train], groups=groups[train])
+    start, est = fits[1e-12].meta_init_, fits[1e-2].meta_init_
+    moved = max(float((est[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-3
+    assert max(float((start[k] - fits[1e-12].meta_init_[k]).abs().max()) for k in start) == 0
+    est = fits[1e-2]
     test = groups == 0
     adapted = clone(est).set_params(max_iter=5)
     adapted.__dict__.update({k: v for k, v in est.__dict__.items() if k.startswith("meta_")
@@ -330,3 +336,42 @@ def test_task_adaptive_imputer_cross_validates_over_groups(group_data):
         baseline.transform(X)
     single = TaskAdaptiveImputer(vae).fit(X)
     np.testing.assert_allclose(single.transform(X), clone(vae).fit(X).transform(X))
+
+
+def test_failed_calls_keep_the_fitted_state(fitted):
+    est, R = fitted
+    est = clone(est).fit(R)
+    before = est.transform(R)
+    bad = sp.csr_matrix(np.array([[np.nan, 1.0, 2.0]]))
+    with pytest.raises(ValueError, match="non-finite"):
+        est.fit(bad)
+    with pytest.raises(ValueError, match="groups"):
+        est.meta_fit(R, groups=np.zeros(5))
+    with pytest.raises(ValueError, match="items"):
+        est.meta_fit(R[:, :10], groups=np.arange(R.shape[0]) % 2)
+    assert est.n_features_in_ == R.shape[1]
+    np.testing.assert_allclose(est.transform(R), before)
+
+
+def test_meta_fit_refuses_tasks_without_heldout_ratings(group_data):
+    obs, held, groups = group_data
+    y = held.toarray()
+    y[groups == 1] = 0
+    y = np.where(y > 0, y, np.nan)
+    est = MetaPartialVAE(divergence="renyi", max_meta_iter=2, **SMALL)
+    with pytest.raises(ValueError, match=r"tasks \[1\] have no held-out"):
+        est.meta_fit(np.where(obs.toarray() > 0, obs.toarray(), np.nan), y, groups=groups)
+    with pytest.raises(ValueError, match="no held-out"):
+        est.meta_fit(obs, np.full(obs.shape, np.nan), groups=groups)
+    with pytest.raises(ValueError, match="matrix of held-out ratings"):
+        est.meta_fit(obs, np.ones(obs.shape[0]), groups=groups)
+
+
+def test_warnings_for_settings_that_do_less(group_data):
+    obs, held, groups = group_data
+    one_adam_step = MetaPartialVAE(divergence="renyi", meta_learn_init=True, n_inner_steps=1,
+                                   max_meta_iter=1, **SMALL)
+    with pytest.warns(RuntimeWarning, match="no meta-gradient"):  # the engine's own check
+        one_adam_step.meta_fit(obs, held, groups=groups)
+    with pytest.warns(UserWarning, match="outside the scaling range"):
+        MetaPartialVAE(rating_range=(1, 3), max_iter=1, **SMALL).fit(obs)

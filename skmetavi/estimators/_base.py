@@ -285,7 +285,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         support_idx, query_idx = self._support_query(model, index, rng)
         y = self._transform_meta_targets(y, support_idx, query_idx)
         support = self._to_tasks(X, y, support_idx)
-        query = self._to_tasks(X, y, query_idx)
+        # Without held-out rows the query rows are the support rows: one batch, not two copies.
+        query = support if query_idx is support_idx else self._to_tasks(X, y, query_idx)
         return X, y, labels, (model, support, query, generator, validation)
 
     def _hold_out_validation(self, model, X, y, labels, index, rng):

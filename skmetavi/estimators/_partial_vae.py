@@ -14,6 +14,7 @@ and :meth:`MetaPartialVAE.fit` trains a partial VAE on a new group with it.
 import copy
 import hashlib
 import math
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -42,8 +43,11 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
 
     Each row is a user's ratings, each column an item.  Missing ratings are
     ``NaN`` in dense input or absent in ``scipy.sparse`` input (stored
-    entries, explicit zeros included, are observed); a sparse matrix is
-    never densified whole (one task, or one chunk of rows, at a time).
+    entries, explicit zeros included, are observed).  A sparse matrix is
+    densified by task, not whole: :meth:`fit` holds its task dense,
+    :meth:`meta_fit` the training tasks padded to the largest one (about
+    ``n_tasks * largest_task * n_items * 10`` bytes: 300 MB for ml-1m's four
+    largest age groups), and predictions one chunk of users at a time.
     Ratings are scaled linearly to [0, 1] (``rating_range``), ``z ~ N(0,
     I)``, and every observed rating is Gaussian around a sigmoid decoder's
     mean, ``x_nd | z ~ N(mu_d(z), sigma^2)``.  ``q(z | x_obs)`` comes from a
@@ -403,6 +407,12 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         else:
             from skmetavi._validation import _check_array
 
+            if not sp.issparse(X) and np.ndim(X) == 1:
+                raise ValueError(
+                    f"{name} must be the matrix of held-out ratings, of shape (n_users, "
+                    f"n_items) like X (NaN, or not stored, where nothing is held out); got a "
+                    f"1-D array of shape {np.shape(X)}."
+                )
             X = _check_array(X, accept_sparse=("csr", "csc", "coo"), input_name=name,
                              dtype=[np.float64, np.float32], ensure_all_finite="allow-nan")
             if X.shape[1] != self.n_features_in_:
@@ -454,6 +464,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
             self._check_disjoint(X, y)
         if reset:
             rr = self._resolve_range(X, y)
+            self._warn_out_of_range(X, rr)
             if meta_fitting:
                 self._meta_fit_range = rr
             else:
@@ -477,6 +488,21 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         return copies
 
     @staticmethod
+    def _warn_out_of_range(X, rr):
+        if not X.data.size:
+            return
+        lo, hi = rr
+        tol = 1e-9 * (hi - lo)
+        vmin, vmax = float(X.data.min()), float(X.data.max())
+        if vmin < lo - tol or vmax > hi + tol:
+            warnings.warn(
+                f"The ratings range over [{vmin:.4g}, {vmax:.4g}], outside the scaling range "
+                f"{rr} (rating_range, or the range meta_fit saw): the decoder's sigmoid "
+                "cannot reach them. Set rating_range to cover the data.",
+                UserWarning, stacklevel=4,
+            )
+
+    @staticmethod
     def _check_disjoint(X, y):
         both = X.copy()
         both.data[:] = 1.0
@@ -489,6 +515,35 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
                 "held-out ratings must be hidden from the encoder. Pass disjoint matrices, e.g. "
                 "from skmetavi.datasets.split_ratings."
             )
+
+    # ------------------------------------------------------- fit
+    def fit(self, X, y=None):
+        """Train a partial VAE on one group's observed ratings (the meta-learned divergence, if any).
+
+        Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
+        called, otherwise ``divergence``; ``max_iter`` epochs over the users.
+        Every observed rating is used (an imputer's ``y`` is ignored); a
+        failed call leaves the estimator as it was.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_users, n_items)
+            Observed ratings (missing: NaN, or not stored).
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        saved = dict(self.__dict__)
+        try:
+            return super().fit(X, None)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     # ------------------------------------------------------- meta_fit
     def meta_fit(self, X, y=None, groups=None, checkpoint=None, checkpoint_every=50):
@@ -523,24 +578,57 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
             The estimator, with ``meta_divergence_`` (and ``meta_init_``) set.
         """
         self._validate_params()
+        saved = dict(self.__dict__)
         self._meta_fitting = True
         try:
-            if y is None:
+            split = y is None
+            if split:
                 X = self._check_ratings(X, "X", reset=True)
                 rng = _check_random_state(copy.deepcopy(self.random_state))
                 X, y = split_ratings(X, self.heldout_fraction, rng)
-            if sp.issparse(y) and y.nnz == 0:
+            else:
+                X = self._check_ratings(X, "X", reset=True)
+                y = self._check_ratings(y, "y", reset=False)
+            self._check_heldout_per_task(X, y, groups, split)
+            if hasattr(self, "variational_params_") and saved.get("n_features_in_") not in (
+                    None, X.shape[1]):
                 raise ValueError(
-                    "meta_fit has no held-out ratings to learn from: every user has fewer "
-                    "than 2 ratings. Pass held-out ratings y, or users with more ratings."
+                    f"This MetaPartialVAE holds a partial VAE fitted on "
+                    f"{saved['n_features_in_']} items, but meta_fit got {X.shape[1]}; a fitted "
+                    "model and its meta-learned state share the items. Use a fresh estimator "
+                    "(sklearn.base.clone) for other items."
                 )
             super().meta_fit(X, y, groups, checkpoint=checkpoint,
                              checkpoint_every=checkpoint_every)
             self.meta_rating_range_ = self._meta_fit_range
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
         finally:
             self.__dict__.pop("_meta_fitting", None)
             self.__dict__.pop("_meta_fit_range", None)
         return self
+
+    @staticmethod
+    def _check_heldout_per_task(X, y, groups, split):
+        """Every training task needs held-out ratings: its meta-loss is their likelihood."""
+        if groups is None:
+            return  # the base meta_fit explains that groups are required
+        groups = np.asarray(groups)
+        if groups.shape[0] != y.shape[0]:
+            return  # check_groups reports the length mismatch
+        counts = np.diff(y.indptr)
+        labels = np.unique(groups)
+        empty = [g for g in labels.tolist() if counts[groups == g].sum() == 0]
+        if empty:
+            why = ("none of their users has 2 or more ratings to split" if split
+                   else "y has no rating for their users")
+            raise ValueError(
+                f"The training tasks {empty[:10]} have no held-out ratings ({why}); the "
+                "meta-loss is the likelihood of held-out ratings. Pass held-out ratings y for "
+                "every task, or drop those tasks."
+            )
 
     # ------------------------------------------------------ prediction
     def _setup_predict(self):
@@ -553,7 +641,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         return max(1, _CHUNK_FLOATS // (n_samples * widest))
 
     def _draws(self, model, params, tasks, n_samples, seed):
-        """Decoder means (1, rows, n, p) for ``n`` samples of z per row, the same noise per row."""
+        """Samples of z (1, rows, n, k) from every row's q, the same standard noise for each row."""
         gen = _torch.make_generator(seed, self._device)
         n_rows = tasks.X.shape[1]
         eps = torch.randn((1, 1, n_samples, self.n_components), generator=gen,
