@@ -1,4 +1,4 @@
-"""Cross-validation over tasks for imputers: adapt to each held-out group, score its held-out entries.
+"""Cross-validation over groups for imputers: fit each held-out group, score its held-out entries.
 
 :class:`TaskAdaptiveImputer` is the analogue of
 :class:`~skmetavi.model_selection.TaskAdaptiveRegressor` for estimators whose
@@ -42,7 +42,7 @@ def _rows(A):
 
 
 class TaskAdaptiveImputer(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
-    """Meta-train an imputer on groups of rows; adapt to each new group and score its held-out entries.
+    """Meta-train an imputer on groups of rows; fit each new group, score its held-out entries.
 
     ``fit(X, y, groups)`` calls the wrapped estimator's ``meta_fit`` on the
     groups (``y``: the held-out entries of the training rows, or None to let

@@ -518,7 +518,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
 
     # ------------------------------------------------------- fit
     def fit(self, X, y=None):
-        """Train a partial VAE on one group's observed ratings (the meta-learned divergence, if any).
+        """Train a partial VAE on one group's observed ratings (with the meta-learned divergence).
 
         Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
         called, otherwise ``divergence``; ``max_iter`` epochs over the users.

@@ -26,14 +26,13 @@ from numbers import Integral, Real
 import torch
 from torch.nn import functional as F
 
-from skmetavi._tasks import randn
 from skmetavi.models._row_q import MIN_NOISE, MIN_SCALE, GaussianRowQ
 from skmetavi.models._row_q import inverse_softplus as _inverse_softplus
+from skmetavi.models._vae import ACTIVATIONS, _Networks
 
 __all__ = ["PartialVAELatent"]
 
 _LOG_2PI = math.log(2 * math.pi)
-ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "softplus": F.softplus, "elu": F.elu}
 
 
 def _sizes(name, value):
@@ -44,7 +43,7 @@ def _sizes(name, value):
     return sizes
 
 
-class PartialVAELatent(GaussianRowQ):
+class PartialVAELatent(_Networks, GaussianRowQ):
     """Partial VAE with a set encoder over each row's observed entries (Ma et al. 2019).
 
     ``z_n ~ N(0, I_k)``; every observed entry is Gaussian around a sigmoid
@@ -138,11 +137,6 @@ class PartialVAELatent(GaussianRowQ):
         return ("set_F", "set_b", "set_w", "set_c", *hidden,
                 "enc_loc_w", "enc_loc_b", "enc_scale_w", "enc_scale_b")
 
-    def _dense(self, M, n_in, n_out, generator, like):
-        scale = self.init_scale * math.sqrt(2.0 / (n_in + n_out))  # Glorot
-        w = scale * randn((M, n_in, n_out), generator, dtype=like.dtype, device=like.device)
-        return w, torch.zeros((M, n_out), dtype=like.dtype, device=like.device)
-
     def init_params(self, tasks, *, generator):
         """Glorot-scaled random weights; q starts with standard deviation one.
 
@@ -182,15 +176,6 @@ class PartialVAELatent(GaussianRowQ):
         return params
 
     # ------------------------------------------------------------ networks
-    def _mlp(self, h, params, prefix, n_layers):
-        act = ACTIVATIONS[self.activation]
-        shape = h.shape
-        h = h.reshape(shape[0], -1, shape[-1])
-        for i in range(n_layers):
-            h = act(torch.baddbmm(params[f"{prefix}_b{i}"].unsqueeze(1), h,
-                                  params[f"{prefix}_w{i}"]))
-        return h, shape[1:-1]
-
     def set_code(self, params, tasks):
         """The set encoder's summary of each row's observed entries, (M, S, code_size).
 

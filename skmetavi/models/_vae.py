@@ -44,7 +44,29 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
-class VAELatent(GaussianRowQ):
+class _Networks:
+    """Batched MLP helpers of the VAE models (one network per task, leading dimension M).
+
+    Needs ``init_scale`` and ``activation`` on the instance.
+    """
+
+    def _dense(self, M, n_in, n_out, generator, like):
+        scale = self.init_scale * math.sqrt(2.0 / (n_in + n_out))  # Glorot
+        w = scale * randn((M, n_in, n_out), generator, dtype=like.dtype, device=like.device)
+        return w, torch.zeros((M, n_out), dtype=like.dtype, device=like.device)
+
+    def _mlp(self, h, params, prefix, n_layers):
+        """``h`` (M, ..., n_in) through the hidden layers ``prefix{i}`` of every task."""
+        act = ACTIVATIONS[self.activation]
+        shape = h.shape
+        h = h.reshape(shape[0], -1, shape[-1])  # (M, rows, n_in): one bmm per layer
+        for i in range(n_layers):
+            h = act(torch.baddbmm(params[f"{prefix}_b{i}"].unsqueeze(1), h,
+                                  params[f"{prefix}_w{i}"]))
+        return h, shape[1:-1]
+
+
+class VAELatent(_Networks, GaussianRowQ):
     """Variational autoencoder with one latent per row, amortised or factorised q.
 
     ``z_n ~ N(0, I_k)`` and ``x_n | z_n`` from an MLP decoder (Bernoulli logits
@@ -152,11 +174,6 @@ class VAELatent(GaussianRowQ):
         return hidden + ("enc_loc_w", "enc_loc_b", "enc_scale_w", "enc_scale_b")
 
     # ------------------------------------------------------------ params
-    def _dense(self, M, n_in, n_out, generator, like):
-        scale = self.init_scale * math.sqrt(2.0 / (n_in + n_out))  # Glorot
-        w = scale * randn((M, n_in, n_out), generator, dtype=like.dtype, device=like.device)
-        return w, torch.zeros((M, n_out), dtype=like.dtype, device=like.device)
-
     def init_params(self, tasks, *, generator):
         """Random Glorot-scaled weights; q starts with standard deviation one.
 
@@ -196,16 +213,6 @@ class VAELatent(GaussianRowQ):
         return params
 
     # ------------------------------------------------------------ networks
-    def _mlp(self, h, params, prefix, n_layers):
-        """``h`` (M, ..., n_in) through the hidden layers ``prefix{i}`` of every task."""
-        act = ACTIVATIONS[self.activation]
-        shape = h.shape
-        h = h.reshape(shape[0], -1, shape[-1])  # (M, rows, n_in): one bmm per layer
-        for i in range(n_layers):
-            h = act(torch.baddbmm(params[f"{prefix}_b{i}"].unsqueeze(1), h,
-                                  params[f"{prefix}_w{i}"]))
-        return h, shape[1:-1]
-
     def _encode(self, params, tasks):
         h, _ = self._mlp(tasks.X, params, "enc", self._encoder_layers())
         loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
