@@ -41,13 +41,13 @@ SPLITS = {"meta_d": 0.1, "meta_d_phi": 0.4}
 
 BUDGETS = {
     "quick": dict(
-        n_components=10, encoder=(100, 50), decoder=(50, 100), meta_iter=150, alg2_iter=150,
-        n_inner_steps=3, init_lr=1e-2, adapt_iter=200, alg2_adapt_iter=100, eval_every=10,
+        n_components=10, encoder=(100, 50), decoder=(50, 100), meta_iter=150, alg2_iter=60,
+        n_inner_steps=3, init_lr=1e-3, adapt_iter=200, alg2_adapt_iter=100, eval_every=10,
         n_score=200, seeds=(0, 1, 2), n_particles=5,
     ),
     "paper": dict(
-        n_components=10, encoder=(500, 200), decoder=(50, 100), meta_iter=300, alg2_iter=300,
-        n_inner_steps=5, init_lr=1e-2, adapt_iter=300, alg2_adapt_iter=100, eval_every=10,
+        n_components=10, encoder=(500, 200), decoder=(50, 100), meta_iter=300, alg2_iter=100,
+        n_inner_steps=5, init_lr=1e-3, adapt_iter=300, alg2_adapt_iter=100, eval_every=10,
         n_score=500, seeds=(0, 1, 2), n_particles=5,
     ),
     "smoke": dict(
