@@ -212,9 +212,7 @@ class PartialVAELatent(_Networks, GaussianRowQ):
     def _encode(self, params, tasks):
         h, _ = self._mlp(self.set_code(params, tasks), params, "enc",
                          len(self.encoder_layer_sizes))
-        loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
-        raw = torch.baddbmm(params["enc_scale_b"].unsqueeze(1), h, params["enc_scale_w"])
-        return loc, F.softplus(raw) + MIN_SCALE
+        return self._q_heads(params, h)
 
     def decode(self, params, z):
         """The decoder's mean of every item in [0, 1], (M, S, K, p), for latents (M, S, K, k).

@@ -50,6 +50,12 @@ class _Networks:
     Needs ``init_scale`` and ``activation`` on the instance.
     """
 
+    def _q_heads(self, params, h):
+        """q's ``(loc, scale)`` from the encoder's last hidden layer ``h``."""
+        loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
+        raw = torch.baddbmm(params["enc_scale_b"].unsqueeze(1), h, params["enc_scale_w"])
+        return loc, F.softplus(raw) + MIN_SCALE
+
     def _dense(self, M, n_in, n_out, generator, like):
         scale = self.init_scale * math.sqrt(2.0 / (n_in + n_out))  # Glorot
         w = scale * randn((M, n_in, n_out), generator, dtype=like.dtype, device=like.device)
@@ -215,9 +221,7 @@ class VAELatent(_Networks, GaussianRowQ):
     # ------------------------------------------------------------ networks
     def _encode(self, params, tasks):
         h, _ = self._mlp(tasks.X, params, "enc", self._encoder_layers())
-        loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
-        raw = torch.baddbmm(params["enc_scale_b"].unsqueeze(1), h, params["enc_scale_w"])
-        return loc, F.softplus(raw) + MIN_SCALE
+        return self._q_heads(params, h)
 
     def decode(self, params, z):
         """The decoder's output for particles ``z`` (M, S, K, k): logits or means (M, S, K, p).
