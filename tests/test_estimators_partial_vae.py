@@ -375,3 +375,12 @@ def test_warnings_for_settings_that_do_less(group_data):
         one_adam_step.meta_fit(obs, held, groups=groups)
     with pytest.warns(UserWarning, match="outside the scaling range"):
         MetaPartialVAE(rating_range=(1, 3), max_iter=1, **SMALL).fit(obs)
+
+
+def test_pickle_round_trip_keeps_predictions(fitted):
+    import pickle
+
+    est, R = fitted
+    copy_ = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(copy_.transform(R), est.transform(R))
+    np.testing.assert_array_equal(copy_.score_samples(R), est.score_samples(R))
