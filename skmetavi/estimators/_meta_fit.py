@@ -15,6 +15,7 @@ import hashlib
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 
 from skmetavi import _checkpoint, _tree
 from skmetavi._bilevel import CallableMetaLoss, MetaTrainer, PredictiveNLL, QuadratureLoss
@@ -227,7 +228,11 @@ class MetaFitMixin:
         """Hash of the data and of every parameter that changes the meta-training run."""
         h = hashlib.sha256()
         for arr in (X, y, np.asarray(groups)):
-            if arr is not None:
+            if sp.issparse(arr):  # its stored entries (a rating matrix), not a dense copy
+                h.update(str(("sparse", arr.shape)).encode())
+                for part in (arr.indptr, arr.indices, arr.data):
+                    h.update(np.ascontiguousarray(part).tobytes())
+            elif arr is not None:
                 arr = np.ascontiguousarray(arr)
                 h.update(str((arr.dtype.str, arr.shape)).encode())
                 h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())

@@ -12,7 +12,6 @@ and :meth:`MetaPartialVAE.fit` trains a partial VAE on a new group with it.
 # SPDX-License-Identifier: BSD-3-Clause
 
 import copy
-import hashlib
 import math
 import warnings
 from numbers import Integral, Real
@@ -28,13 +27,11 @@ from skmetavi._meta_losses import HeldOutEntriesNLL
 from skmetavi._optim import make_optimizer
 from skmetavi._ratings import as_ratings_csr, densify_rows, split_ratings
 from skmetavi._tasks import pad_tasks
-from skmetavi._validation import _check_random_state, _stable_repr, _validate_data
+from skmetavi._validation import _check_array, _check_random_state, _validate_data
 from skmetavi.estimators._base import _BaseMetaVI
-from skmetavi.estimators._vae import _in_float64
+from skmetavi.estimators._vae import _CHUNK_FLOATS, _ROW_CHUNK, _in_float64
 from skmetavi.models._partial_vae import ACTIVATIONS, PartialVAELatent
 
-#: Floats per chunk of the predictions and scores (rows x samples x items).
-_CHUNK_FLOATS = 2**23
 _EDDI_NOISE = 0.1 * math.sqrt(2)
 
 
@@ -359,20 +356,6 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
     def _validation_score(self, X, y):
         return self._score(X, y, min(self.n_score_samples, 100))
 
-    def _fingerprint(self, X, y, groups):
-        h = hashlib.sha256()
-        for csr in (X, y):
-            if csr is not None:
-                h.update(str(csr.shape).encode())
-                for part in (csr.indptr, csr.indices, csr.data):
-                    h.update(np.ascontiguousarray(part).tobytes())
-        groups = np.asarray(groups)
-        h.update(repr(groups.tolist()).encode())
-        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device", "task_chunk_size"}
-        params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
-        h.update(repr(sorted((k, _stable_repr(v)) for k, v in params.items())).encode())
-        return h.hexdigest()
-
     # ------------------------------------------------------- data
     def _scaling(self):
         lo, hi = self._range
@@ -405,8 +388,6 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
             X = _validate_data(self, X, reset=reset, accept_sparse=("csr", "csc", "coo"),
                                dtype=[np.float64, np.float32], ensure_all_finite="allow-nan")
         else:
-            from skmetavi._validation import _check_array
-
             if not sp.issparse(X) and np.ndim(X) == 1:
                 raise ValueError(
                     f"{name} must be the matrix of held-out ratings, of shape (n_users, "
@@ -455,13 +436,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         if not meta_fitting:
             y = None  # fit(X, y=None) trains on every observed rating (an imputer ignores y)
         elif y is not None:
-            y = self._check_ratings(y, "y", False)
-            if y.shape[0] != X.shape[0]:
-                raise ValueError(
-                    f"y has {y.shape[0]} rows but X has {X.shape[0]}: y holds the held-out "
-                    "ratings of the same users."
-                )
-            self._check_disjoint(X, y)
+            y = self._check_heldout(X, y)
         if reset:
             rr = self._resolve_range(X, y)
             self._warn_out_of_range(X, rr)
@@ -501,6 +476,17 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
                 "cannot reach them. Set rating_range to cover the data.",
                 UserWarning, stacklevel=4,
             )
+
+    def _check_heldout(self, X, y):
+        """``y``, the held-out ratings of the users of ``X`` (CSR), checked against ``X``."""
+        y = self._check_ratings(y, "y", reset=False)
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"y has {y.shape[0]} rows but X has {X.shape[0]}: y holds the held-out "
+                "ratings of the same users."
+            )
+        self._check_disjoint(X, y)
+        return y
 
     @staticmethod
     def _check_disjoint(X, y):
@@ -636,18 +622,17 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         self._dtype = torch.float64
 
     def _row_chunk(self, n_samples):
-        widest = max(self.n_features_in_, *self._model(1).encoder_layer_sizes,
-                     *self._model(1).decoder_layer_sizes)
+        """Rows per chunk of predictions with ``n_samples`` draws each (about 2^23 floats)."""
+        model = self._model(self.n_features_in_)
+        widest = max(self.n_features_in_, *model.encoder_layer_sizes, *model.decoder_layer_sizes)
         return max(1, _CHUNK_FLOATS // (n_samples * widest))
 
-    def _draws(self, model, params, tasks, n_samples, seed):
+    def _draws(self, model, params, tasks, n_samples, generator):
         """Samples of z (1, rows, n, k) from every row's q, the same standard noise for each row."""
-        gen = _torch.make_generator(seed, self._device)
         n_rows = tasks.X.shape[1]
-        eps = torch.randn((1, 1, n_samples, self.n_components), generator=gen,
+        eps = torch.randn((1, 1, n_samples, self.n_components), generator=generator,
                           dtype=self._dtype, device=self._device)
-        z = model.rsample(params, tasks, eps.expand(1, n_rows, n_samples, self.n_components))
-        return z
+        return model.rsample(params, tasks, eps.expand(1, n_rows, n_samples, self.n_components))
 
     @_in_float64
     def predict_ratings(self, X, return_std=False):
@@ -679,9 +664,11 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         means, stds = [], []
         with torch.no_grad():
             sigma2 = float(model.noise(params)[0, 0]) ** 2
-            for start in range(0, X.shape[0], self._row_chunk(K)):
-                tasks = self._pad([X[start:start + self._row_chunk(K)]])
-                z = self._draws(model, params, tasks, K, self._predict_seed)
+            chunk = self._row_chunk(K)
+            for start in range(0, X.shape[0], chunk):
+                tasks = self._pad([X[start:start + chunk]])
+                gen = _torch.make_generator(self._predict_seed, self._device)
+                z = self._draws(model, params, tasks, K, gen)
                 mu = model.decode(params, z)[0]  # (rows, K, p)
                 means.append(_torch.to_numpy(lo + width * mu.mean(1)))
                 if return_std:
@@ -732,29 +719,21 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         if y is None:
             X, y = split_ratings(X, self.heldout_fraction, self._predict_seed)
         else:
-            y = self._check_ratings(y, "y", reset=False)
-            if y.shape[0] != X.shape[0]:
-                raise ValueError(
-                    f"y has {y.shape[0]} rows but X has {X.shape[0]}: y holds the held-out "
-                    "ratings of the same users."
-                )
-            self._check_disjoint(X, y)
+            y = self._check_heldout(X, y)
         model, params = self._model(self.n_features_in_), self._q_params()
         _, width = self._scaling()
         counts = np.diff(y.indptr)
-        sample_chunk = max(1, _CHUNK_FLOATS // (256 * self.n_features_in_))
+        sample_chunk = max(1, _CHUNK_FLOATS // (_ROW_CHUNK * self.n_features_in_))
         out = []
         with torch.no_grad():
-            for start in range(0, X.shape[0], 256):
-                rows = slice(start, start + 256)
+            for start in range(0, X.shape[0], _ROW_CHUNK):
+                rows = slice(start, start + _ROW_CHUNK)
                 tasks = self._pad([X[rows]], [y[rows]])
                 gen = _torch.make_generator(self._predict_seed + 1, self._device)
-                n_rows, parts, done = tasks.X.shape[1], [], 0
+                parts, done = [], 0
                 while done < n_samples:
                     k = min(sample_chunk, n_samples - done)
-                    eps = torch.randn((1, 1, k, self.n_components), generator=gen,
-                                      dtype=self._dtype, device=self._device)
-                    z = model.rsample(params, tasks, eps.expand(1, n_rows, k, self.n_components))
+                    z = self._draws(model, params, tasks, k, gen)
                     parts.append(torch.logsumexp(model.heldout_log_prob(params, tasks, z)[0], -1))
                     done += k
                 out.append(torch.logsumexp(torch.stack(parts, -1), -1) - math.log(n_samples))

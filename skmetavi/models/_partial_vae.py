@@ -229,10 +229,7 @@ class PartialVAELatent(_Networks, GaussianRowQ):
         mean : torch.Tensor of shape (M, S, K, p)
             ``sigmoid`` of the decoder's output.
         """
-        n = len(self.decoder_layer_sizes)
-        h, lead = self._mlp(z, params, "dec", n)
-        out = torch.baddbmm(params[f"dec_b{n}"].unsqueeze(1), h, params[f"dec_w{n}"])
-        return torch.sigmoid(out.reshape(z.shape[0], *lead, out.shape[-1]))
+        return torch.sigmoid(self._decoder_output(params, z, len(self.decoder_layer_sizes)))
 
     def noise(self, params):
         """The likelihood's standard deviation on the scaled values, (M, 1).

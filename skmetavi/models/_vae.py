@@ -50,6 +50,13 @@ class _Networks:
     Needs ``init_scale`` and ``activation`` on the instance.
     """
 
+    def _decoder_output(self, params, z, n_hidden):
+        """The decoder's last linear layer for latents ``z`` (M, ..., k): (M, ..., p)."""
+        h, lead = self._mlp(z, params, "dec", n_hidden)
+        out = torch.baddbmm(params[f"dec_b{n_hidden}"].unsqueeze(1), h,
+                            params[f"dec_w{n_hidden}"])
+        return out.reshape(z.shape[0], *lead, out.shape[-1])
+
     def _q_heads(self, params, h):
         """q's ``(loc, scale)`` from the encoder's last hidden layer ``h``."""
         loc = torch.baddbmm(params["enc_loc_b"].unsqueeze(1), h, params["enc_loc_w"])
@@ -238,11 +245,7 @@ class VAELatent(_Networks, GaussianRowQ):
         out : torch.Tensor of shape (M, S, K, p)
             Bernoulli logits, or the Gaussian means.
         """
-        n_hidden = len(self.hidden_layer_sizes)
-        h, lead = self._mlp(z, params, "dec", n_hidden)
-        out = torch.baddbmm(params[f"dec_b{n_hidden}"].unsqueeze(1), h,
-                            params[f"dec_w{n_hidden}"])
-        return out.reshape(z.shape[0], *lead, out.shape[-1])
+        return self._decoder_output(params, z, len(self.hidden_layer_sizes))
 
     def noise(self, params):
         """The Gaussian decoder's noise standard deviation per feature, (M, p).
