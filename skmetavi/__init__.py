@@ -5,6 +5,12 @@
 
 from skmetavi.divergences import KL, FDivergence, LocalRenyi, NeuralF, Renyi, TailAdaptive
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaPartialVAE, MetaVAE
+from skmetavi.model_selection import (
+    TaskAdaptiveEstimator,
+    TaskAdaptiveImputer,
+    TaskAdaptiveRegressor,
+)
+from skmetavi.pipeline import MetaPipeline, make_meta_pipeline
 
 __version__ = "0.1.0.dev0"
 
@@ -15,9 +21,14 @@ __all__ = [
     "MetaBNNRegressor",
     "MetaDivergenceVI",
     "MetaPartialVAE",
+    "MetaPipeline",
     "MetaVAE",
     "NeuralF",
     "Renyi",
     "TailAdaptive",
+    "TaskAdaptiveEstimator",
+    "TaskAdaptiveImputer",
+    "TaskAdaptiveRegressor",
+    "make_meta_pipeline",
     "__version__",
 ]

@@ -157,8 +157,9 @@ class CallableMetaLoss:
 
     ``q`` is the task's q as a ``torch.distributions`` object (a
     ``MultivariateNormal`` for the Gaussian families), differentiable in the
-    variational parameters; ``X`` and ``y`` are the rows the meta-loss is
-    evaluated on.
+    variational parameters; ``X`` and ``y`` are the rows of ``tasks`` (the
+    query rows the estimators hold out, see ``MetaFitMixin._holds_out_rows``),
+    unpadded, with ``y`` None when the tasks have no targets.
     """
 
     def __init__(self, fn):

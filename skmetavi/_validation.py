@@ -8,7 +8,11 @@ global RNG, and parameter representations that are stable across processes.
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+import hashlib
+
 import numpy as np
+import scipy.sparse as sp
+import torch
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, column_or_1d, validate_data
 
@@ -116,20 +120,54 @@ def _check_array(array, **check_params):
         raise new from exc
 
 
+def _module_repr(module):
+    """Class, ``repr``, frozen parameters and a sha256 of the ``state_dict`` of a module."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    cls = type(module)
+    return (
+        f"{cls.__module__}.{cls.__qualname__}({module!r}, frozen={frozen}, "
+        f"tensors={h.hexdigest()})"
+    )
+
+
 def _stable_repr(value):
     """A representation of a parameter that is the same in every process.
 
     ``repr`` of a function or of most objects contains a memory address; use the
-    qualified name of callables and the parameters of objects that have them.
+    qualified name of callables and the parameters of objects that have them.  A
+    ``torch.nn.Module`` (a BNN's ``network``) is its class, architecture and a hash of
+    its tensors: equal modules agree, different weights or layers differ.
     """
     if hasattr(value, "get_params") and not isinstance(value, type):
         params = sorted((k, _stable_repr(v)) for k, v in value.get_params(deep=False).items())
         return f"{type(value).__qualname__}({params})"
+    if isinstance(value, torch.nn.Module):
+        return _module_repr(value)
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     if isinstance(value, (list, tuple)):
         return type(value)(_stable_repr(v) for v in value)
     return repr(value)
+
+
+def _hash_arrays(h, arrays):
+    """Feed the contents of ``arrays`` (dense, sparse or None) to the hash object ``h``."""
+    for arr in arrays:
+        if sp.issparse(arr):  # its stored entries (a rating matrix), not a dense copy
+            arr = sp.csr_matrix(arr)
+            h.update(str(("sparse", arr.shape)).encode())
+            for part in (arr.indptr, arr.indices, arr.data):
+                h.update(np.ascontiguousarray(part).tobytes())
+        elif arr is not None:
+            arr = np.ascontiguousarray(arr)
+            h.update(str((arr.dtype.str, arr.shape)).encode())
+            h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
+    return h
 
 
 def check_groups(groups, n_samples, *, min_tasks=2):

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import stats
 from scipy.special import logsumexp
 from sklearn.metrics import r2_score
+from sklearn.pipeline import Pipeline
 from sklearn.utils.metadata_routing import MetadataRequest
 
 __all__ = [
@@ -292,7 +293,20 @@ def interval_coverage(y_true, y_mean, y_std, level=0.9):
 
 
 # ------------------------------------------------------------------- scorers
+def _final_step(estimator, X):
+    """A Pipeline's final step and ``X`` transformed by the others (else ``estimator, X``).
+
+    The probabilistic scorers call the final step directly: with metadata routing on,
+    ``Pipeline.predict(X, return_std=True)`` refuses a parameter its step did not
+    request, and a Pipeline hides the step's ``log_predictive_density``.
+    """
+    if isinstance(estimator, Pipeline) and len(estimator.steps) > 1:
+        return estimator.steps[-1][1], estimator[:-1].transform(X)
+    return estimator, X
+
+
 def _gaussian(estimator, X):
+    estimator, X = _final_step(estimator, X)
     mean, std = estimator.predict(X, return_std=True)
     return mean, np.maximum(std, 1e-12)
 
@@ -302,8 +316,9 @@ def _score_neg_gaussian_nll(estimator, X, y):
 
 
 def _score_mlpd(estimator, X, y):
-    if hasattr(estimator, "log_predictive_density"):
-        return float(np.mean(estimator.log_predictive_density(X, y)))
+    final, Xt = _final_step(estimator, X)
+    if hasattr(final, "log_predictive_density"):
+        return float(np.mean(final.log_predictive_density(Xt, y)))
     return -gaussian_nll(y, *_gaussian(estimator, X))
 
 

@@ -5,12 +5,18 @@
 
 import pytest
 from sklearn.base import BaseEstimator
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_param_validation, parametrize_with_checks
 
 import skmetavi.estimators
 import skmetavi.model_selection
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaPartialVAE, MetaVAE
-from skmetavi.model_selection import TaskAdaptiveImputer, TaskAdaptiveRegressor
+from skmetavi.model_selection import (
+    TaskAdaptiveEstimator,
+    TaskAdaptiveImputer,
+    TaskAdaptiveRegressor,
+)
 
 # A tiny Bayesian MLP: a few hundred weights, 30 epochs, 4 particles.
 FAST_BNN = dict(
@@ -71,6 +77,14 @@ INIT_PARAMS = {
         random_state=0)),
     # The cross-validation-over-tasks wrapper; without groups it is a plain regressor.
     TaskAdaptiveRegressor: dict(estimator=MetaBNNRegressor(**FAST_BNN), random_state=0),
+    # The generic wrapper, on a density estimator and on a pipeline (without groups: the
+    # estimator fitted to one task).
+    TaskAdaptiveEstimator: [
+        dict(estimator=MetaDivergenceVI(max_iter=20, n_particles=8, n_score_particles=32,
+                                        random_state=0), random_state=0),
+        dict(estimator=make_pipeline(StandardScaler(), MetaDivergenceVI(
+            max_iter=20, n_particles=8, n_score_particles=32)), random_state=0),
+    ],
 }
 
 # Checks that cannot pass, per estimator class: {check name: reason}.  Prefer
@@ -90,6 +104,7 @@ EXPECTED_FAILED_CHECKS = {
         "check_pipeline_consistency": "score's y is the 2-D matrix of held-out ratings",
     },
     TaskAdaptiveRegressor: {},
+    TaskAdaptiveEstimator: {},
 }
 
 
@@ -119,6 +134,9 @@ def test_init_params_cover_public_estimators():
     assert set(EXPECTED_FAILED_CHECKS) <= set(INIT_PARAMS)
 
 
+# check_estimator fits the task-level wrappers without groups, i.e. as one task: the
+# NoMetaLearningWarning that says so is expected there.
+@pytest.mark.filterwarnings("ignore::skmetavi.exceptions.NoMetaLearningWarning")
 @parametrize_with_checks(
     list(_tested_estimators()), expected_failed_checks=_get_expected_failed_checks
 )
@@ -126,6 +144,7 @@ def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
 
 
+@pytest.mark.filterwarnings("ignore::skmetavi.exceptions.NoMetaLearningWarning")
 @pytest.mark.parametrize("estimator", list(_tested_estimators()), ids=_estimator_id)
 def test_param_validation(estimator):
     """Every constructor parameter has a constraint, and fit enforces it.

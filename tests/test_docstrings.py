@@ -13,6 +13,7 @@ numpydoc_validation = pytest.importorskip("numpydoc.validate")
 
 PUBLIC_MODULES = [
     "skmetavi",
+    "skmetavi.callbacks",
     "skmetavi.datasets",
     "skmetavi.divergences",
     "skmetavi.estimators",
@@ -132,10 +133,12 @@ def test_public_methods_are_covered():
     bnn = "skmetavi.estimators._bnn.MetaBNNRegressor"
     base = "skmetavi.estimators._base._BaseMetaVI"
     adaptive = "skmetavi.model_selection.TaskAdaptiveRegressor"
+    generic = "skmetavi._task_adaptive.TaskAdaptiveEstimator"
     assert {f"{bnn}.predict", f"{bnn}.log_predictive_density", f"{bnn}.sample_y"} <= targets
     assert {f"{base}.fit", f"{base}.meta_fit"} <= targets
-    methods = ("fit", "adapt", "predict", "score", "score_tasks")
-    assert {f"{adaptive}.{m}" for m in methods} <= targets
+    assert {f"{adaptive}.{m}" for m in ("fit", "predict")} <= targets
+    assert {f"{generic}.{m}" for m in ("fit", "adapt", "score", "score_tasks")} <= targets
+    assert {"skmetavi.pipeline.MetaPipeline.meta_fit", "skmetavi.pipeline.MetaPipeline.fit"} <= targets
     assert not [t for t in targets if t.startswith("sklearn.")]
 
 

@@ -21,6 +21,7 @@ from sklearn.model_selection import (
 from skmetavi import MetaBNNRegressor
 from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.metrics import get_scorer
+from skmetavi.exceptions import NoMetaLearningWarning
 from skmetavi.model_selection import TaskAdaptiveRegressor, support_query_split
 
 # A tiny Bayesian MLP with a few outer iterations: each meta_fit takes ~0.02 s.
@@ -219,8 +220,10 @@ def test_cv_score_is_the_meta_test_protocol(tasks, cv_multi):
     X, y, groups = tasks
     train, test = cv_multi["indices"]["train"][0], cv_multi["indices"]["test"][0]
     meta = MetaBNNRegressor("renyi", **FAST_BNN).meta_fit(X[train], y[train], groups=groups[train])
+    # The wrapper draws one split seed at fit, shared by all its scorers.
+    seed = cv_multi["estimator"][0]._split_seed
     Xs, Xq, ys, yq, gs, gq = support_query_split(
-        X[test], y[test], groups[test], support_size=0.5, random_state=0
+        X[test], y[test], groups[test], support_size=0.5, random_state=seed
     )
     mlpd = []
     for label in np.unique(groups[test]):
@@ -423,7 +426,7 @@ def test_requests_groups_for_fit_and_score():
 def test_without_groups_is_a_plain_regressor(tasks):
     X, y, groups = tasks
     X0, y0 = X[groups == 0], y[groups == 0]
-    wrapper = TaskAdaptiveRegressor(MetaBNNRegressor(**FAST_BNN)).fit(X0, y0)
+    wrapper = TaskAdaptiveRegressor(MetaBNNRegressor(**FAST_BNN), meta_learn=False).fit(X0, y0)
     direct = MetaBNNRegressor(**FAST_BNN).fit(X0, y0)
     assert not wrapper.meta_fitted_
     assert wrapper.n_features_in_ == 1
@@ -440,7 +443,9 @@ def test_cross_validate_without_groups(tasks, enable_routing):
     """KFold on one task, no groups anywhere: ordinary regression CV."""
     X, y, groups = tasks
     X0, y0 = X[groups == 0], y[groups == 0]
-    with sklearn.config_context(enable_metadata_routing=enable_routing):
+    with sklearn.config_context(enable_metadata_routing=enable_routing), pytest.warns(
+        NoMetaLearningWarning, match="received no groups"
+    ):
         cv = cross_validate(
             TaskAdaptiveRegressor(MetaBNNRegressor(**FAST_BNN)),
             X0,

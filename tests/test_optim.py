@@ -62,7 +62,7 @@ def test_the_defaults_meta_learn_alpha():
     X, g = make_mog_tasks(32, random_state=0)
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", max_meta_iter=150,
                            random_state=0).meta_fit(X, groups=g)
-    assert est._inner_optimizer(est.meta_learn_init).name == "adam"
+    assert est._inner_optimizer(est._learns_init()).name == "adam"
     assert abs(est.meta_divergence_.alpha - 0.5) > 0.05
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", meta_learn_init=True,
                            max_meta_iter=100, random_state=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 import torch
 
 import skmetavi._bilevel
@@ -119,7 +120,10 @@ def test_diverging_fit_keeps_finite_parameters():
     X = np.random.RandomState(0).normal(1.0, 1.0, size=(20, 2))
     est = MetaDivergenceVI(
         inner_optimizer="sgd", inner_lr=0.2, max_iter=200, n_particles=8, random_state=0
-    ).fit(X)
+    )
+    with pytest.warns(ConvergenceWarning, match=r"fit diverged: the loss went from .* lower "
+                      r"inner_lr \(now 0.2\) or use inner_optimizer='adam'"):
+        est.fit(X)
     assert est.loss_curve_[-1] > 1e100  # diverged
     _assert_fitted_state_finite(est)
     assert np.isfinite(est.score_samples(np.zeros((2, 2)))).all()

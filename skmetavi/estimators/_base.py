@@ -12,12 +12,14 @@ held-out tasks in one pass, and the reproductions their test tasks.
 # SPDX-License-Identifier: BSD-3-Clause
 
 import copy
+import time
 import warnings
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -28,6 +30,10 @@ from skmetavi._optim import INNER_OPTIMIZERS, make_optimizer
 from skmetavi._tasks import TaskGenerators, pad_tasks
 from skmetavi._validation import _check_random_state, check_groups
 from skmetavi.divergences import DIVERGENCE_NAMES, Divergence, make_divergence
+from skmetavi.exceptions import NoMetaLearningWarning
+from skmetavi import callbacks as _callbacks
+from skmetavi.callbacks import History
+from skmetavi.estimators import _loop
 from skmetavi.estimators._loop import train_loop
 from skmetavi.estimators._meta_fit import MetaFitMixin
 from skmetavi.estimators._meta_validation import MetaValidation
@@ -39,6 +45,25 @@ from skmetavi._validation import _stable_repr  # noqa: F401
 
 _MISSING = object()
 
+
+def _warn_pooled_groups(estimator, groups):
+    """Warn when ``fit`` (one task) receives the rows of several tasks."""
+    if groups is None:
+        return
+    n_tasks = np.unique(np.asarray(groups, dtype=object).ravel().astype(str)).size
+    if n_tasks < 2:
+        return
+    name = type(estimator).__name__
+    warnings.warn(
+        f"{name}.fit received groups with {n_tasks} tasks, but fit adapts to one task: "
+        "their rows were pooled into one and nothing was meta-learned. To meta-learn "
+        f"across tasks, call {name}.meta_fit(X, y, groups), or cross-validate over tasks "
+        f"with skmetavi.model_selection.TaskAdaptiveEstimator({name}(...)) (metadata "
+        "routing on, params={'groups': groups}).",
+        NoMetaLearningWarning,
+        stacklevel=3,
+    )
+
 class _BaseMetaVI(MetaFitMixin, BaseEstimator):
     """Common parameters, the fit template, batched adaptation and fitted-state handling.
 
@@ -46,6 +71,9 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
     and may override the hooks below; ``meta_fit`` comes from
     :class:`~skmetavi.estimators._meta_fit.MetaFitMixin`.
     """
+
+    # fit adapts to one task; groups routed to it only trigger a NoMetaLearningWarning.
+    __metadata_request__fit = {"groups": True}
 
     _parameter_constraints: dict = {
         "divergence": [StrOptions(set(DIVERGENCE_NAMES)), HasMethods(["particle_weights"])],
@@ -58,7 +86,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "max_meta_iter": [Interval(Integral, 1, None, closed="left")],
         "n_inner_steps": [Interval(Integral, 1, None, closed="left")],
         "n_tasks_per_batch": [Interval(Integral, 1, None, closed="left")],
-        "meta_learn_init": ["boolean"],
+        "meta_learn_init": ["boolean", StrOptions({"auto"})],
         "meta_gradient": [StrOptions(set(GRADIENT_MODES))],
         "truncate": [Interval(Integral, 1, None, closed="left"), None],
         "implicit_max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -75,6 +103,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
+        "callbacks": [list, tuple, None],
     }
 
     # ------------------------------------------------------------- hooks
@@ -311,7 +340,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
 
     # ------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, groups=None):
         """Adapt q to one task with the meta-learned divergence (if any).
 
         Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
@@ -327,12 +356,21 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             The task's rows.
         y : array-like of shape (n_samples,), default=None
             Targets, for models that need them.
+        groups : array-like of shape (n_samples,), default=None
+            Not used: ``fit`` adapts to one task.  Accepted (and requested from
+            metadata routing) only to warn, with a
+            :class:`~skmetavi.exceptions.NoMetaLearningWarning`, when rows of
+            several tasks arrive here, e.g. from ``cross_validate(...,
+            params={"groups": groups})``: they are pooled into one task and
+            nothing is meta-learned.  Use :meth:`meta_fit` or
+            :class:`~skmetavi.model_selection.TaskAdaptiveRegressor`.
 
         Returns
         -------
         self : object
             Fitted estimator.
         """
+        _warn_pooled_groups(self, groups)
         self._setup_torch()
         warm = self.warm_start and hasattr(self, "variational_params_")
         try:
@@ -347,9 +385,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 ) from exc
             raise
         rng = _check_random_state(self.random_state)
-        (state,), interrupted = self._fit_tasks([(X, y)], [rng], warm=warm)
+        (state,), interrupted = self._fit_tasks([(X, y)], [rng], warm=warm, estimators=[self])
         if warm:
             state["loss_curve_"] = np.concatenate([self.loss_curve_, state["loss_curve_"]])
+            state["history_"] = History(list(getattr(self, "history_", [])) + state["history_"])
         self._set_fitted(state)
         if interrupted:
             warnings.warn(
@@ -360,12 +399,13 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             )
         return self
 
-    def _fit_tasks(self, data, rngs, *, warm=False, n_steps=None):
+    def _fit_tasks(self, data, rngs, *, warm=False, n_steps=None, estimators=None, quiet=False):
         """Adapt q to every task of ``data`` at once; one fitted state per task.
 
         The one adaptation path.  Each task draws its random numbers from its own
         ``rngs[m]`` exactly as a separate ``fit`` would (:class:`TaskGenerators`),
-        so the result for a task does not depend on the other tasks.
+        so the result for a task does not depend on the other tasks; each task
+        has its own history and callbacks, and stops when they say so.
 
         Parameters
         ----------
@@ -377,6 +417,12 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             Start from ``variational_params_`` (one task).
         n_steps : int, default=None
             Inner iterations per task; ``max_iter`` epochs if None.
+        estimators : list of estimator, default=None
+            The estimator each task's callbacks are called with (``self`` for
+            all if None; ``fit`` passes ``[self]``).
+        quiet : bool, default=False
+            No progress bar, callbacks or divergence warning (meta-validation's
+            internal adaptations).
 
         Returns
         -------
@@ -387,7 +433,9 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             last completed iteration).
         """
         model, run, budget, extras = self._adaptation(data, rngs, warm=warm, n_steps=n_steps)
-        curves, interrupted = self._run_adaptation(run, budget)
+        offset = len(getattr(self, "loss_curve_", ())) if warm else 0
+        curves, histories, interrupted = self._run_adaptation(
+            run, budget, estimators=estimators, offset=offset, quiet=quiet)
         states = []
         divergence = run.divergence
         for m, rng in enumerate(rngs):
@@ -398,6 +446,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 "variational_params_": _tree.to_device(
                     {k: v[m : m + 1] for k, v in run.params.items()}, "cpu"),
                 "loss_curve_": np.asarray(curves[m], dtype=float),
+                "history_": histories[m],
                 "n_iter_": len(curves[m]),
                 "n_latent_": model.n_latent,
                 # Fixed seeds of score and of sample's default draw: repeated calls agree.
@@ -474,7 +523,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         chunk = self.task_chunk_size or len(data)
         for start in range(0, len(data), chunk):
             part = slice(start, start + chunk)
-            states, interrupted = self._fit_tasks(validated[part], rngs[part])
+            states, interrupted = self._fit_tasks(validated[part], rngs[part],
+                                                  estimators=copies[part])
             if interrupted:
                 raise KeyboardInterrupt
             for est, state in zip(copies[part], states):
@@ -522,26 +572,115 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                  for m, g in enumerate(generators)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _run_adaptation(self, run, budget):
-        """The shared training loop over a :class:`VIRun`; returns (curves, interrupted)."""
+    def _run_adaptation(self, run, budget, *, estimators=None, offset=0, quiet=False):
+        """The shared training loop over a :class:`VIRun`, with histories and callbacks.
+
+        After each step, every task still running gets its record
+        ``{"iteration", "loss", "time"}`` (``time``: the batched step's wall time)
+        and its callbacks (each task its own copies, called with
+        ``estimators[m]``); a task whose callbacks ask to stop keeps its state as
+        after that step while the others go on (its budget ends there), and the
+        loop ends when no task is left.  Warns (``ConvergenceWarning``) when a
+        task's loss ends far above where it started.
+
+        Returns
+        -------
+        curves : list of list of float
+            Each task's loss per completed step.
+        histories : list of History
+            Each task's records (iterations numbered from ``offset + 1``).
+        interrupted : bool
+            Whether ``KeyboardInterrupt`` stopped the loop.
+        """
+        M = budget.numel()
+        # Per-task stops shorten the run's budget; the caller's tensor is left alone.
+        run.budget = torch.as_tensor(budget).cpu().clone()
+        estimators = [self] * M if estimators is None else list(estimators)
+        histories = [History() for _ in range(M)]
+        if quiet:
+            cbs = [[] for _ in range(M)]
+        else:
+            # One set per task in a batched run (each stops as its own fit would).
+            batched = M > 1 or estimators[0] is not self
+            callbacks = getattr(self, "callbacks", None)  # estimators pickled before callbacks
+            cbs = [_callbacks._resolve(callbacks, copy_objects=batched) for _ in range(M)]
+        for m in range(M):
+            _callbacks._begin(cbs[m], estimators[m], "fit", History())
         bounds = []
+        verbose = 0 if quiet else self.verbose
+        n_steps = int(budget.max()) if M else 0
+        every = max(1, n_steps // 10)
 
         def step():
             bound = run.step()
             bounds.append(bound.detach().cpu())
             return -float(bound[0]) if bound.numel() == 1 else -float(bound.nanmean())
 
-        result = train_loop(
-            step, int(budget.max()), verbose=self.verbose, desc="fit", value_name="loss",
-            settings=lambda: (
-                f"inner_optimizer={run.optimizer.name!r}, inner_lr={run.optimizer.lr!r}, "
-                f"n_particles={self.n_particles!r}, divergence={run.divergence!r}"
-            ),
-        )
+        def after_step(n_done, value, started):
+            losses = (-bounds[-1]).tolist()
+            seconds = time.perf_counter() - started
+            for m in range(M):
+                if n_done > int(run.budget[m]):
+                    continue  # this task is done
+                record = {"iteration": offset + n_done, "loss": losses[m], "time": seconds}
+                histories[m].append(record)
+                if cbs[m] and _callbacks._iteration_end(cbs[m], estimators[m], "fit", record):
+                    run.budget[m] = n_done
+            if verbose >= 2 and (n_done % every == 0 or n_done == n_steps):
+                _loop.write(f"fit iteration {offset + n_done}/{offset + n_steps}: loss "
+                            f"{_loop.fmt(value)} ({seconds:.3g} s)")
+            return bool((run.budget <= n_done).all())
+
+        def settings():
+            return (f"inner_optimizer={run.optimizer.name!r}, inner_lr={run.optimizer.lr!r}, "
+                    f"n_particles={self.n_particles!r}, divergence={run.divergence!r}")
+
+        def summary(result):
+            first = [h[0]["loss"] for h in histories if h]
+            last = [h[-1]["loss"] for h in histories if h]
+            what = "loss" if M == 1 else f"mean loss of {M} tasks"
+            line = (f"fit: {result.n_done} iterations, {what} "
+                    f"{_loop.fmt(_loop.nanmean(first))} -> {_loop.fmt(_loop.nanmean(last))}, "
+                    f"{result.seconds:.3g} s")
+            if result.stopped and result.n_done < n_steps:
+                line += " (stopped by a callback)"
+            if result.interrupted:
+                line += " (interrupted)"
+            if verbose >= 2:
+                line += f" [{settings()}]"
+            return line
+
+        result = train_loop(step, n_steps, verbose=verbose, desc="fit", value_name="loss",
+                            settings=settings, after_step=after_step, summary=summary)
+        for m in range(M):
+            _callbacks._end(cbs[m], estimators[m], "fit", histories[m])
         # bounds[i] belongs to a completed step (an interrupted step appends nothing).
-        curve = torch.stack(bounds) if bounds else torch.zeros((0, budget.numel()))
-        curves = [(-curve[: int(b), m]).tolist() for m, b in enumerate(budget.tolist())]
-        return curves, result.interrupted
+        curve = torch.stack(bounds) if bounds else torch.zeros((0, M))
+        done = torch.clamp(run.budget, max=len(bounds)).tolist()
+        curves = [(-curve[: int(b), m]).tolist() for m, b in enumerate(done)]
+        if not quiet and not result.interrupted:
+            self._warn_blow_up(curves, run.optimizer)
+        return curves, histories, result.interrupted
+
+    def _warn_blow_up(self, curves, optimizer):
+        """``ConvergenceWarning`` for the tasks whose loss ended far above where it started."""
+        bad = [(m, found) for m, found in enumerate(map(_loop.blow_up, curves)) if found]
+        if not bad:
+            return
+        m, (first, end) = bad[0]
+        who = ("the loss" if len(curves) == 1 else
+               f"{len(bad)} of {len(curves)} tasks {[b for b, _ in bad][:10]}; task {m}'s loss")
+        advice = (f"lower inner_lr (now {optimizer.lr:g}"
+                  + ("; 'auto' is 0.01 for Adam)" if optimizer.name == "adam"
+                     else ") or use inner_optimizer='adam'"))
+        warnings.warn(
+            f"fit diverged: {who} went from {first:.4g} at the first iteration to {end:.4g}, "
+            f"the median of the last {_loop.END_FRACTION:.0%} of the iterations. The fitted q "
+            f"is unreliable (predictions may be meaningless); the inner step size is likely "
+            f"too large: {advice}.",
+            ConvergenceWarning,
+            stacklevel=6,  # fit's caller
+        )
 
     def _set_fitted(self, state):
         for name, value in state.items():

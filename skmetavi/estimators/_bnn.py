@@ -18,6 +18,7 @@ from skmetavi._validation import _check_array, _check_random_state, _validate_da
 from skmetavi.estimators._base import _BaseMetaVI
 from skmetavi.models import MeanFieldGaussian
 from skmetavi.models._bnn import ACTIVATIONS, LIKELIHOODS, BNNRegression
+from skmetavi.models._module_bnn import ModuleBNNRegression
 
 #: Rows per chunk at prediction time (bounds memory: chunk x n_predict_samples x width).
 _PREDICT_CHUNK = 4096
@@ -50,9 +51,27 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         (:class:`~skmetavi.divergences.LocalRenyi`) tilts each row's likelihood
         instead of the joint, so its weights do not collapse with many rows.
     hidden_layer_sizes : tuple of int, default=(50,)
-        Hidden widths of the MLP.
+        Hidden widths of the MLP (ignored when ``network`` is given).
     activation : {"relu", "tanh", "softplus", "elu"}, default="relu"
-        Hidden activation.
+        Hidden activation (ignored when ``network`` is given).
+    network : torch.nn.Module, default=None
+        Your own network instead of the MLP: any ``torch.nn.Module`` mapping
+        inputs of shape ``(n, n_features)`` to outputs of shape ``(n, 2)`` for
+        ``likelihood="heteroskedastic"`` (column 0 the mean, column 1 the raw
+        noise, ``sigma = softplus(raw) + 1e-3``) or ``(n, 1)`` / ``(n,)`` (the
+        mean) for ``"homoskedastic"``.  All its trainable parameters
+        (``requires_grad=True``) are the Bayesian weights, flattened in
+        ``named_parameters()`` order, with the prior ``N(0, prior_scale^2)``;
+        their current values are the initial mean of q (the MLP's are random
+        draws).  Parameters with ``requires_grad=False`` and buffers are fixed
+        constants.  The module is evaluated in evaluation mode (dropout off)
+        with :func:`torch.func.functional_call` under :func:`torch.vmap`, on a
+        copy: ``network`` itself is never modified.  Each row's output must
+        depend on that row only, so batch normalisation is rejected (use
+        ``torch.nn.LayerNorm``).  Define its class at the top level of a
+        module for the estimator to pickle.  None: the MLP of
+        ``hidden_layer_sizes`` and ``activation``.  See
+        :class:`~skmetavi.models.ModuleBNNRegression`.
     likelihood : {"heteroskedastic", "homoskedastic"}, default="heteroskedastic"
         Noise model (see above).
     prior_scale : float, default=1.0
@@ -84,7 +103,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         if None.
     init_scale : float, default=0.01
         Initial standard deviation of q for every weight; the initial means are
-        He-scaled random draws.
+        He-scaled random draws (``network``'s own parameters if given).
     normalize_y : {"auto", "task", "pooled"} or bool, default="auto"
         Standardise the targets (predictions are returned in the original
         units).  ``"task"`` (or True): each task by its own mean and standard
@@ -108,7 +127,9 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Meta-loss J: the negative log predictive density of the held-out
         ``query_fraction`` of each training task, or a callable
         ``fn(q, X, y) -> scalar Tensor`` (q: the task's weight posterior as a
-        ``torch.distributions.MultivariateNormal``).
+        ``torch.distributions.MultivariateNormal``), which gets the same
+        held-out query rows ``X`` and ``y`` (``y`` standardised as the inner
+        loop sees it, see ``normalize_y``).
     meta_lr : float, default=0.01
         Adam step size of the divergence parameters (gamma).
     init_lr : float, default=0.01
@@ -119,8 +140,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Inner steps B per outer iteration.
     n_tasks_per_batch : int, default=16
         Tasks M per outer iteration.
-    meta_learn_init : bool, default=False
-        Meta-learn the initialisation too (Algorithm 2).
+    meta_learn_init : bool or "auto", default="auto"
+        Also meta-learn the initialisation of q (Algorithm 2, Meta-D&phi).
+        ``"auto"``: exactly when the divergence has nothing to learn (e.g. the
+        default ``"kl"``: the paper's VI&phi), so that :meth:`meta_fit` always
+        meta-learns something; a learnable divergence then runs Algorithm 1.
     meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
         Meta-gradient through the inner steps (see :class:`MetaDivergenceVI`).
     truncate : int, default=None
@@ -163,7 +187,10 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         as without chunking (the noise of each task does not depend on the
         split).  All at once if None.
     query_fraction : float, default=0.5
-        Held-out fraction of each training task's rows.
+        Held-out fraction of each training task's rows (its rows are
+        observations): the meta-loss, built-in or callable, is evaluated on
+        these query rows after the inner loop has adapted q to the others;
+        meta-validation (``validation_fraction``) splits its tasks the same way.
     dtype : {"float32", "float64"}, default="float32"
         Precision of the torch computations.
     device : str, default="cpu"
@@ -171,9 +198,19 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     random_state : int, RandomState instance or None, default=None
         Seeds fitting and prediction; the global RNGs are never touched.
     verbose : int, default=0
-        Show tqdm progress bars if > 0.
+        Progress on stderr.  0: none; 1: a tqdm bar during :meth:`fit` and
+        :meth:`meta_fit` and a one-line summary when each ends (iterations,
+        first and last loss, the divergence's learned scalars, seconds); 2:
+        also the learned scalars in the bar, a line per meta-validation and
+        every tenth of a fit, and the settings in the summary.
     warm_start : bool, default=False
         Continue from the previous :meth:`fit` / :meth:`meta_fit` state.
+    callbacks : list of callable or Callback, default=None
+        Called after each iteration of :meth:`fit` and :meth:`meta_fit`:
+        ``fn(estimator, record) -> bool or None`` with that iteration's record
+        (the row appended to ``history_`` or ``meta_history_``), True to stop
+        training after it; or :class:`skmetavi.callbacks.Callback` objects
+        such as :class:`~skmetavi.callbacks.EarlyStopping`.
 
     Attributes
     ----------
@@ -183,10 +220,14 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         ``loc`` and ``scale_raw`` of q over the flat weight vector (and
         ``log_noise`` for the homoskedastic likelihood); CPU tensors.
     n_weights_ : int
-        Number of weights and biases.
+        Number of weights and biases (of ``network``'s trainable parameters if given).
     loss_curve_ : ndarray of shape (n_steps,)
         Negative bound at each inner step of :meth:`fit`; warm-started fits
         append to it.
+    history_ : skmetavi.callbacks.History
+        One record per inner step of :meth:`fit` (``iteration``, ``loss``,
+        ``time`` in seconds), ``history_[:, "loss"]`` equal to ``loss_curve_``;
+        warm-started fits append to it.
     n_iter_ : int
         Inner steps run by the last :meth:`fit` call.
     n_features_in_ : int
@@ -212,6 +253,11 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         Whether the meta-learned divergence or KL was kept.
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss per outer iteration.
+    meta_history_ : skmetavi.callbacks.History
+        One record per outer iteration of :meth:`meta_fit` (``iteration``,
+        ``meta_loss``, the divergence's learned scalars such as ``alpha``,
+        ``time``, and ``validation_score`` / ``validation_kl_score`` where
+        meta-validation ran); warm-started calls append to it.
     n_meta_iter_ : int
         Outer iterations run in total (warm-started :meth:`meta_fit` calls add up).
     meta_tasks_ : ndarray
@@ -261,6 +307,8 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         **_BaseMetaVI._parameter_constraints,
         "hidden_layer_sizes": [tuple, list],
         "activation": [StrOptions(set(ACTIVATIONS))],
+        # Checked by ModuleBNNRegression, whose errors say what a network must be.
+        "network": "no_validation",
         "likelihood": [StrOptions(set(LIKELIHOODS))],
         "prior_scale": [Interval(Real, 0, None, closed="neither")],
         "init_scale": [Interval(Real, 0, None, closed="neither")],
@@ -276,6 +324,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         *,
         hidden_layer_sizes=(50,),
         activation="relu",
+        network=None,
         likelihood="heteroskedastic",
         prior_scale=1.0,
         n_particles=10,
@@ -292,7 +341,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         max_meta_iter=200,
         n_inner_steps=1,
         n_tasks_per_batch=16,
-        meta_learn_init=False,
+        meta_learn_init="auto",
         meta_gradient="full",
         truncate=None,
         implicit_max_iter=100,
@@ -309,10 +358,12 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         random_state=None,
         verbose=0,
         warm_start=False,
+        callbacks=None,
     ):
         self.divergence = divergence
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
+        self.network = network
         self.likelihood = likelihood
         self.prior_scale = prior_scale
         self.n_particles = n_particles
@@ -346,9 +397,14 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.callbacks = callbacks
 
     # ----------------------------------------------------------- hooks
     def _make_target(self):
+        if self.network is not None:
+            return ModuleBNNRegression(
+                self.network, likelihood=self.likelihood, prior_scale=self.prior_scale
+            )
         return BNNRegression(
             hidden_layer_sizes=self.hidden_layer_sizes,
             activation=self.activation,
@@ -381,7 +437,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         if isinstance(mode, (bool, np.bool_)):
             return "task" if mode else None
         if mode == "auto":
-            return "pooled" if self.meta_learn_init else "task"
+            return "pooled" if self._learns_init() else "task"
         return mode
 
     def _transform_meta_targets(self, y, support_idx, query_idx):

@@ -45,7 +45,11 @@ class MetaDivergenceVI(_BaseMetaVI):
           (e.g. ``GaussianMean(noise_scale=0.5)``);
         - a callable ``log_joint(z, X, y) -> Tensor`` with ``z`` of shape
           (n_particles, n_latent), returning shape (n_particles,); set
-          ``n_latent``.
+          ``n_latent``.  It sees one task's rows ``X`` and their targets ``y``
+          (shape (n_rows,)) whenever ``y`` is passed to :meth:`fit`,
+          :meth:`meta_fit`, :meth:`score` or :meth:`meta_loss_value`, and
+          ``y=None`` otherwise.  The built-in ``"gaussian_mean"`` and
+          ``"gaussian_mixture"`` ignore ``y``.
     n_latent : int, default=None
         Dimension of z for a callable ``model``; ignored otherwise.
     family : {"mean_field", "full_covariance"}, default="mean_field"
@@ -80,8 +84,15 @@ class MetaDivergenceVI(_BaseMetaVI):
         predictive density of a held-out part of each training task
         (``query_fraction``); ``"auto"`` is ``"nll"`` for models with a per-row
         likelihood and ``"d_half"`` otherwise.  A callable
-        ``fn(q, X, y) -> scalar Tensor`` gets each task's q as a
-        ``torch.distributions.MultivariateNormal`` and its (query) rows.
+        ``fn(q, X, y) -> scalar Tensor`` (differentiable in q's parameters)
+        gets each task's q as a ``torch.distributions.MultivariateNormal`` and
+        the task's held-out query rows ``X`` and ``y`` (``query_fraction`` of
+        them; the inner loop adapts q on the rest), so that it can score q out
+        of sample, e.g. as a negative held-out log predictive density.  That
+        holds whenever the model's rows are observations of the task
+        (``Target.exchangeable_rows``: the likelihood targets and a callable
+        ``model``); for ``"gaussian_mixture"``, whose rows are the components
+        that define the target, it gets all rows.
     quadrature_range : tuple of float, default=None
         ``(low, high)`` of the quadrature grid; by default derived from the
         target (built-in mixture) and the initial q.
@@ -95,8 +106,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         Inner steps B per outer iteration.
     n_tasks_per_batch : int, default=16
         Tasks M per outer iteration (all of them if fewer).
-    meta_learn_init : bool, default=False
+    meta_learn_init : bool or "auto", default="auto"
         Also meta-learn the initialisation of q (Algorithm 2, Meta-D&phi).
+        ``"auto"``: exactly when the divergence has nothing to learn (e.g. the
+        default ``"kl"``: the paper's VI&phi), so that :meth:`meta_fit` always
+        meta-learns something; a learnable divergence then runs Algorithm 1.
     meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
         How the meta-gradient goes through the B inner steps: exactly
         (memory grows with B); first-order (inner Jacobians taken as the
@@ -147,8 +161,16 @@ class MetaDivergenceVI(_BaseMetaVI):
         as without chunking (the noise of each task does not depend on the
         split).  All at once if None.
     query_fraction : float, default=0.5
-        Fraction of each training task's rows held out for the ``"nll"``
-        meta-loss (models with a per-row likelihood).
+        Fraction of each training task's rows held out as query rows, on which
+        the meta-loss is evaluated after the inner loop has adapted q to the
+        other (support) rows; ``round(query_fraction * n_rows)`` of them, at
+        least one, and at least one support row.  Rows are held out for models
+        with a per-row likelihood (every meta-loss), and for a callable
+        ``meta_loss`` on a model whose rows are exchangeable observations (a
+        callable ``model``; ``Target.exchangeable_rows``); otherwise (the
+        quadrature meta-losses of likelihood-free targets, the mixture's
+        components) the meta-loss sees all rows and this is ignored.
+        Meta-validation (``validation_fraction``) splits its tasks the same way.
     batch_size : int, default=None
         Rows per inner step (the likelihood is rescaled); all rows if None.
     n_score_particles : int, default=1000
@@ -162,9 +184,19 @@ class MetaDivergenceVI(_BaseMetaVI):
         int for reproducible results.  None draws fresh entropy from the
         operating system.  The global numpy and torch RNGs are never touched.
     verbose : int, default=0
-        Show tqdm progress bars if > 0.
+        Progress on stderr.  0: none; 1: a tqdm bar during :meth:`fit` and
+        :meth:`meta_fit` and a one-line summary when each ends (iterations,
+        first and last loss, the divergence's learned scalars, seconds); 2:
+        also the learned scalars in the bar, a line per meta-validation and
+        every tenth of a fit, and the settings in the summary.
     warm_start : bool, default=False
         Continue from the previous :meth:`fit` (or :meth:`meta_fit`) state.
+    callbacks : list of callable or Callback, default=None
+        Called after each iteration of :meth:`fit` and :meth:`meta_fit`:
+        ``fn(estimator, record) -> bool or None`` with that iteration's record
+        (the row appended to ``history_`` or ``meta_history_``), True to stop
+        training after it; or :class:`skmetavi.callbacks.Callback` objects
+        such as :class:`~skmetavi.callbacks.EarlyStopping`.
 
     Attributes
     ----------
@@ -178,6 +210,10 @@ class MetaDivergenceVI(_BaseMetaVI):
         Covariance of the fitted q.
     loss_curve_ : ndarray of shape (n_steps,)
         Negative bound of the divergence at each :meth:`fit` iteration;
+        warm-started fits append to it.
+    history_ : skmetavi.callbacks.History
+        One record per inner step of :meth:`fit` (``iteration``, ``loss``,
+        ``time`` in seconds), ``history_[:, "loss"]`` equal to ``loss_curve_``;
         warm-started fits append to it.
     n_iter_ : int
         Iterations run by the last :meth:`fit` call.
@@ -206,6 +242,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         Whether the meta-learned divergence or KL was kept.
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss of each outer iteration (NaN where rolled back).
+    meta_history_ : skmetavi.callbacks.History
+        One record per outer iteration of :meth:`meta_fit` (``iteration``,
+        ``meta_loss``, the divergence's learned scalars such as ``alpha``,
+        ``time``, and ``validation_score`` / ``validation_kl_score`` where
+        meta-validation ran); warm-started calls append to it.
     n_meta_iter_ : int
         Outer iterations run in total (warm-started :meth:`meta_fit` calls add up).
     meta_tasks_ : ndarray
@@ -224,7 +265,7 @@ class MetaDivergenceVI(_BaseMetaVI):
 
     :meth:`score` is the mean log predictive density per row of ``(X, y)``
     under q for models with a per-row likelihood, and the ELBO
-    ``E_q[log p(z, X) - log q(z)]`` of q for the target ``X`` otherwise;
+    ``E_q[log p(z, X, y) - log q(z)]`` of q for the target of ``X`` (and ``y``) otherwise;
     higher is better in both cases.
 
     References
@@ -283,7 +324,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         max_meta_iter=500,
         n_inner_steps=1,
         n_tasks_per_batch=16,
-        meta_learn_init=False,
+        meta_learn_init="auto",
         meta_gradient="full",
         truncate=None,
         implicit_max_iter=100,
@@ -302,6 +343,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         random_state=None,
         verbose=0,
         warm_start=False,
+        callbacks=None,
     ):
         self.model = model
         self.n_latent = n_latent
@@ -339,6 +381,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.callbacks = callbacks
 
     # ----------------------------------------------------------- hooks
     def _make_target(self):
@@ -347,27 +390,36 @@ class MetaDivergenceVI(_BaseMetaVI):
     def _make_family(self, n_latent):
         return make_family(self.family, n_latent)
 
-    def _requires_y(self):
+    def _target_uses_y(self):
+        """``(requires_y, accepts_y)`` of the model; an invalid model fails later, in fit."""
         try:
-            return make_target(self.model, self.n_latent).requires_y
+            target = make_target(self.model, self.n_latent)
         except (ValueError, TypeError):
-            return False
+            return False, False
+        return bool(target.requires_y), bool(target.requires_y or target.accepts_y)
+
+    def _requires_y(self):
+        return self._target_uses_y()[0]
 
     def _validate_task_data(self, X, y, reset):
         if self.quadrature_range is not None:
             qr = self.quadrature_range
-            if len(qr) != 2 or not all(isinstance(v, Real) and math.isfinite(v) for v in qr) or not qr[0] < qr[1]:
+            finite = all(isinstance(v, Real) and math.isfinite(v) for v in qr)
+            if len(qr) != 2 or not finite or not qr[0] < qr[1]:
                 raise ValueError(
                     f"quadrature_range must be a tuple (low, high) of finite numbers with "
                     f"low < high, got {qr!r}."
                 )
         dtypes = [np.float64, np.float32]
-        if self._requires_y():
-            if y is None:
-                raise ValueError(
-                    f"{type(self).__name__} requires y to be passed, but the target y is "
-                    f"None: model={self.model!r} needs targets; pass y of shape (n_samples,)."
-                )
+        requires_y, accepts_y = self._target_uses_y()
+        if requires_y and y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is "
+                f"None: model={self.model!r} needs targets; pass y of shape (n_samples,)."
+            )
+        if accepts_y and y is not None:
+            # A model that reads y (a callable log density, a regression) gets it
+            # whenever it is given; one that does not ignores it (unsupervised).
             X, y = _validate_data(self, X, y, reset=reset, dtype=dtypes, y_numeric=True)
             return X, y
         X = _validate_data(self, X, reset=reset, dtype=dtypes)
@@ -468,9 +520,10 @@ class MetaDivergenceVI(_BaseMetaVI):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            The task's rows (for ``"nll"``: held-out rows).
+            The task's rows (for ``"nll"`` or a callable: held-out rows).
         y : array-like of shape (n_samples,), default=None
-            Targets, for models that need them.
+            Targets, for models that need or accept them (passed on to a
+            callable ``model`` and ``meta_loss``).
         meta_loss : {"auto", "d_half", "tv", "nll"} or callable, default=None
             The meta-loss (see the class parameter); the estimator's
             ``meta_loss`` if None.
@@ -504,7 +557,8 @@ class MetaDivergenceVI(_BaseMetaVI):
         X : array-like of shape (n_samples, n_features)
             Rows of one task.
         y : array-like of shape (n_samples,), default=None
-            Targets, for models that need them.
+            Targets, for models that need or accept them (passed on to a
+            callable ``model``).
 
         Returns
         -------

@@ -12,15 +12,19 @@ shared training loop (progress bar, Ctrl-C, checkpoints).
 
 import copy
 import hashlib
+import time
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
 
 from skmetavi import _checkpoint, _tree
+from skmetavi import callbacks as _callbacks
 from skmetavi._bilevel import CallableMetaLoss, MetaTrainer, PredictiveNLL, QuadratureLoss
 from skmetavi._inner import check_local_divergence
-from skmetavi._validation import _stable_repr
+from skmetavi._validation import _hash_arrays, _stable_repr
+from skmetavi.callbacks import History
+from skmetavi.estimators import _loop
 from skmetavi.estimators._loop import train_loop
 
 META_LOSS_NAMES = ("auto", "d_half", "tv", "nll")
@@ -37,27 +41,44 @@ class MetaFitMixin:
     def _holds_out_rows(self, model):
         """Whether the meta-loss is evaluated on held-out (query) rows of each task.
 
-        True for models with a per-row likelihood (held-out predictive meta-loss).
+        The rule: rows are held out when the meta-loss scores data and the rows
+        are observations of the task.  That is every meta-loss of a model with a
+        per-row likelihood (whose rows are observations by construction), and a
+        callable ``meta_loss`` on a model whose rows are exchangeable observations
+        (``exchangeable_rows``: a :class:`~skmetavi.models.CallableTarget`, not the
+        components of a mixture).  Quadrature meta-losses of likelihood-free
+        targets compare q with the whole target and see all rows.  Meta-validation
+        splits its tasks by the same rule (:meth:`_support_query`).
         """
-        return model.has_likelihood
+        if model.has_likelihood:
+            return True
+        return callable(getattr(self, "meta_loss", None)) and bool(model.exchangeable_rows)
 
     def _support_query(self, model, index, rng):
         """Split each task's rows into support (inner loop) and query (meta-loss).
 
-        Only where :meth:`_holds_out_rows`; otherwise both parts are the whole task.
+        ``query_fraction`` of every task's rows (rounded, at least one, and one row
+        left to the support) are the query; only where :meth:`_holds_out_rows`,
+        otherwise both parts are the whole task (the same list, not a copy).
         """
         if not self._holds_out_rows(model):
             return index, index
         support, query = [], []
         for t, rows in enumerate(index):
             if rows.shape[0] < 2:
+                hint = "" if model.has_likelihood else (
+                    "; if the rows are not observations of the task, a callable meta_loss "
+                    "sees all of them with model=CallableTarget(fn, n_latent, "
+                    "exchangeable_rows=False)"
+                )
                 raise ValueError(
                     f"Task {t} has {rows.shape[0]} row(s); the held-out meta-loss needs at "
                     "least 2 rows per task (one support, one query). Merge small tasks or "
-                    "use more data per task."
+                    f"use more data per task{hint}."
                 )
             perm = rng.permutation(rows)
-            n_query = min(rows.shape[0] - 1, max(1, int(round(self.query_fraction * rows.shape[0]))))
+            n_rows = rows.shape[0]
+            n_query = min(n_rows - 1, max(1, int(round(self.query_fraction * n_rows))))
             query.append(np.sort(perm[:n_query]))
             support.append(np.sort(perm[n_query:]))
         return support, query
@@ -116,13 +137,23 @@ class MetaFitMixin:
                 "choose truncate <= n_inner_steps."
             )
 
+    def _learns_init(self):
+        """``meta_learn_init`` resolved: ``"auto"`` learns the init iff the divergence cannot learn.
+
+        The default ``divergence="kl"`` has no parameters, so ``meta_fit`` with all
+        defaults runs Algorithm 2 (the paper's VI&phi) rather than learning nothing.
+        """
+        if self.meta_learn_init != "auto":
+            return bool(self.meta_learn_init)
+        return not self._resolve_divergence().learnable
+
     def _meta_divergence(self, warm):
         """The divergence to meta-learn: the previous result (warm start) or a fresh one."""
         divergence = copy.deepcopy(self.meta_divergence_) if warm else self._resolve_divergence()
         # Every nn.Parameter of the divergence is a meta-parameter (a divergence frozen by
         # an earlier fit, e.g. ``est.divergence_``, is learnable again here).
         divergence = divergence.to(self._device, self._dtype).requires_grad_(True)
-        if not divergence.learnable and not self.meta_learn_init:
+        if not divergence.learnable and not self._learns_init():
             raise ValueError(
                 f"Nothing to meta-learn: divergence {divergence!r} has no learnable "
                 "parameters and meta_learn_init=False. Use a learnable divergence "
@@ -135,17 +166,17 @@ class MetaFitMixin:
         if divergence.local:
             check_local_divergence(model, divergence)  # before any work
         return MetaTrainer(
-            model, divergence, self._inner_optimizer(self.meta_learn_init),
+            model, divergence, self._inner_optimizer(self._learns_init()),
             self._make_meta_loss(model, support), support, query,
             init_params=model.init_params(support, generator=generator),
-            learn_init=self.meta_learn_init,
+            learn_init=self._learns_init(),
             n_inner_steps=self.n_inner_steps, n_particles=self.n_particles,
             n_tasks_per_batch=self.n_tasks_per_batch, meta_lr=self.meta_lr,
             init_lr=self.init_lr, mode=self.meta_gradient, truncate=self.truncate,
             batch_size=self.batch_size, generator=generator, max_grad_norm=self.max_grad_norm,
             task_chunk_size=self.task_chunk_size, implicit_steps=self.implicit_max_iter,
             implicit_tol=self.implicit_tol, implicit_damping=self.implicit_damping,
-            multi_step_loss=(self.meta_learn_init if self.multi_step_loss == "auto"
+            multi_step_loss=(self._learns_init() if self.multi_step_loss == "auto"
                              else self.multi_step_loss),
         )
 
@@ -161,6 +192,10 @@ class MetaFitMixin:
                 validation.load_state_dict(self._meta_state["validation"], trainer.divergence)
         # This call runs until outer iteration `target` (warm_start adds max_meta_iter).
         target = trainer.n_iter + self.max_meta_iter
+        # One record per outer iteration, 1..n_iter (a warm start continues the previous
+        # meta_fit's); the records of this call start at index `call_start`.
+        history = History(getattr(self, "meta_history_", ())) if warm else History()
+        call_start = trainer.n_iter
         if checkpoint is not None:
             start = _checkpoint.load(checkpoint, fingerprint)
             if start is not None and warm and start["n_iter"] <= trainer.n_iter:
@@ -178,35 +213,88 @@ class MetaFitMixin:
                 target = start.get("target_iter", target)
                 if validation is not None and start.get("validation") is not None:
                     validation.load_state_dict(start["validation"], trainer.divergence)
+                history = History(start.get("history", ()))
+                call_start = start.get("call_start", 0)
+        history = _reconcile_history(history, trainer)
+        callbacks = _callbacks._resolve(getattr(self, "callbacks", None))
+        _callbacks._begin(callbacks, self, "meta_fit", history[call_start:])
+        verbose = self.verbose
+        scalars_before = _loop.divergence_scalars(trainer.divergence)
 
         def save():
-            state = {**trainer.state_dict(), "target_iter": target}
+            state = {**trainer.state_dict(), "target_iter": target,
+                     "history": [dict(r) for r in history], "call_start": call_start}
             if validation is not None:
                 state["validation"] = validation.state_dict()
             _checkpoint.save(checkpoint, state, fingerprint)
 
-        def after_step(_):
+        def after_step(n_done, value, started):
+            nonlocal target
+            scores = None
             if validation is not None and validation.due(trainer.n_iter, trainer.n_iter == target):
-                validation.evaluate(trainer)
+                scores = validation.evaluate(trainer)
+            record = {"iteration": trainer.n_iter, "meta_loss": float(value),
+                      **_loop.divergence_scalars(trainer.divergence)}
+            if scores is not None:
+                record["validation_score"], record["validation_kl_score"] = scores
+            record["time"] = time.perf_counter() - started
+            history.append(record)
+            stop = _callbacks._iteration_end(callbacks, self, "meta_fit", record)
+            if stop:
+                target = trainer.n_iter  # a resumed checkpoint ends here too
+            if verbose >= 2 and scores is not None:
+                _loop.write(_record_line(record, validation.best))
             if checkpoint is not None and trainer.n_iter % checkpoint_every == 0:
                 save()
+            return stop
+
+        def postfix():
+            if verbose < 2:
+                return {}
+            return {k: _loop.fmt(v) for k, v in history[-1].items()
+                    if k not in ("iteration", "meta_loss", "time")}
+
+        def summary(result):
+            own = history[call_start:]
+            line = f"meta_fit: {result.n_done} outer iterations"
+            if own:
+                line += (f" ({own[0]['iteration']}-{own[-1]['iteration']}), meta_loss "
+                         f"{_loop.fmt(own[0]['meta_loss'])} -> {_loop.fmt(own[-1]['meta_loss'])}")
+                for name, before in scalars_before.items():
+                    line += f", {name} {_loop.fmt(before)} -> {_loop.fmt(own[-1].get(name))}"
+            if validation is not None and validation.best is not None:
+                best = validation.best
+                line += (f", best validation score {_loop.fmt(best['score'])} ({best['kind']}, "
+                         f"iteration {best['iteration']})")
+            line += f", {result.seconds:.3g} s"
+            if result.stopped:
+                line += " (stopped by a callback)"
+            if result.interrupted:
+                line += " (interrupted)"
+            if verbose >= 2:
+                line += f" [{settings()}]"
+            return line
+
+        def settings():
+            return (f"inner_optimizer={trainer.inner_optimizer.name!r}, "
+                    f"inner_lr={trainer.inner_optimizer.lr!r}, meta_lr={self.meta_lr!r}, "
+                    f"n_inner_steps={self.n_inner_steps!r}, max_grad_norm={self.max_grad_norm!r}")
 
         # An interrupt inside trainer.step() may leave the iteration half applied (e.g.
         # eta updated, phi_i not yet stored), a state no uninterrupted run passes
         # through: it is kept in memory but never written to the checkpoint, so that
         # resuming stays exact.
         result = train_loop(
-            trainer.step, max(0, target - trainer.n_iter), verbose=self.verbose,
+            trainer.step, max(0, target - trainer.n_iter), verbose=verbose,
             desc="meta_fit", value_name="meta_loss", after_step=after_step,
-            settings=lambda: (
-                f"inner_optimizer={trainer.inner_optimizer.name!r}, "
-                f"inner_lr={trainer.inner_optimizer.lr!r}, meta_lr={self.meta_lr!r}, n_inner_steps={self.n_inner_steps!r}, "
-                f"max_grad_norm={self.max_grad_norm!r}"
-            ),
+            settings=settings, postfix=postfix, summary=summary,
         )
+        # An iteration completed inside an interrupted step has no record yet.
+        history = _reconcile_history(history, trainer)
+        _callbacks._end(callbacks, self, "meta_fit", history[call_start:])
         if checkpoint is not None and not result.in_step:
             save()
-        self._store_meta_state(trainer, labels, validation)
+        self._store_meta_state(trainer, labels, validation, history)
         if result.interrupted:
             where = (
                 f"the checkpoint {str(checkpoint)!r} holds the last completed checkpoint "
@@ -221,27 +309,43 @@ class MetaFitMixin:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        else:
+            self._warn_meta_blow_up(trainer.loss_curve[call_start:], trainer.learn_init)
         return self
+
+    def _warn_meta_blow_up(self, curve, learn_init):
+        """``ConvergenceWarning`` when this call's meta-loss ended far above where it started."""
+        found = _loop.blow_up(curve)
+        if found is None:
+            return
+        first, end = found
+        rates = f"meta_lr (now {self.meta_lr:g})"
+        if learn_init:
+            rates += f" and init_lr (now {self.init_lr:g})"
+        clip = ("" if self.max_grad_norm is not None
+                else " or clip the meta-gradients (max_grad_norm=1.0)")
+        warnings.warn(
+            f"meta_fit diverged (the meta-loss went from {first:.4g} at the first outer "
+            f"iteration to {end:.4g}, the median of the last {_loop.END_FRACTION:.0%} of the "
+            f"outer iterations): the meta-learned divergence"
+            f"{' and initialisation' if learn_init else ''} may be worse than where they "
+            f"started. Lower {rates}{clip}, or use validation_fraction to keep the best "
+            "validated candidate.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
     # ---------------------------------------------------------- state
     def _fingerprint(self, X, y, groups):
         """Hash of the data and of every parameter that changes the meta-training run."""
-        h = hashlib.sha256()
-        for arr in (X, y, np.asarray(groups)):
-            if sp.issparse(arr):  # its stored entries (a rating matrix), not a dense copy
-                h.update(str(("sparse", arr.shape)).encode())
-                for part in (arr.indptr, arr.indices, arr.data):
-                    h.update(np.ascontiguousarray(part).tobytes())
-            elif arr is not None:
-                arr = np.ascontiguousarray(arr)
-                h.update(str((arr.dtype.str, arr.shape)).encode())
-                h.update(arr.tobytes() if arr.dtype.kind != "O" else repr(arr.tolist()).encode())
-        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device", "task_chunk_size"}
+        h = _hash_arrays(hashlib.sha256(), (X, y, np.asarray(groups)))
+        skip = {"verbose", "max_meta_iter", "warm_start", "max_iter", "device", "task_chunk_size",
+                "callbacks"}
         params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
         h.update(repr(sorted((k, _stable_repr(v)) for k, v in params.items())).encode())
         return h.hexdigest()
 
-    def _store_meta_state(self, trainer, labels, validation=None):
+    def _store_meta_state(self, trainer, labels, validation=None, history=None):
         self.meta_divergence_ = copy.deepcopy(trainer.divergence).to("cpu")
         if trainer.learn_init:
             self.meta_init_ = _tree.to_device(trainer.init_params, "cpu")
@@ -264,6 +368,7 @@ class MetaFitMixin:
             self.best_meta_iter_ = best["iteration"]
             self.validation_choice_ = best["kind"]
         self.meta_loss_curve_ = np.asarray(trainer.loss_curve, dtype=float)
+        self.meta_history_ = _reconcile_history(History(history or ()), trainer)
         self.n_meta_iter_ = trainer.n_iter
         self.meta_tasks_ = labels
         # The full trainer state, so that warm_start continues exactly; on the CPU
@@ -298,3 +403,32 @@ class MetaFitMixin:
                 f"training tasks or settings ({exc}). Use the same X and groups, or set "
                 "warm_start=False."
             ) from exc
+
+
+def _reconcile_history(history, trainer):
+    """``history`` with exactly one record per outer iteration ``1..trainer.n_iter``.
+
+    Iterations without a record (completed inside an interrupted step, or a
+    checkpoint or state written before histories existed) get one from the
+    meta-loss curve.
+    """
+    records = [r for r in history if r.get("iteration", 0) <= trainer.n_iter]
+    curve = trainer.loss_curve
+    for i in range(len(records), trainer.n_iter):
+        records.append({"iteration": i + 1,
+                        "meta_loss": float(curve[i]) if i < len(curve) else float("nan")})
+    return History(records)
+
+
+def _record_line(record, best):
+    """A verbose=2 line for a validated outer iteration."""
+    extra = "".join(f", {k} {_loop.fmt(v)}" for k, v in record.items()
+                    if k not in ("iteration", "meta_loss", "time", "validation_score",
+                                 "validation_kl_score"))
+    line = (f"meta_fit iteration {record['iteration']}: meta_loss "
+            f"{_loop.fmt(record['meta_loss'])}{extra}, validation score "
+            f"{_loop.fmt(record['validation_score'])} (KL "
+            f"{_loop.fmt(record['validation_kl_score'])})")
+    if best is not None:
+        line += f"; best {_loop.fmt(best['score'])} ({best['kind']}, iteration {best['iteration']})"
+    return line

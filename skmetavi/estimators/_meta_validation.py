@@ -58,11 +58,12 @@ class MetaValidation:
         return est
 
     def score(self, divergence, init):
-        """Mean validation score of a candidate: adapted as ``fit`` would, scored on the query rows."""
+        """Mean validation score of a candidate, adapted as ``fit`` would, on the query rows."""
         est = self._candidate(divergence, init)
         rngs = [np.random.RandomState((self.seed + m) % (2**32)) for m in range(len(self.tasks))]
         data = [(Xs, ys) for Xs, ys, _, _ in self.tasks]
-        states, interrupted = est._fit_tasks(data, rngs)
+        # Internal adaptations: no progress bar, no user callbacks, no divergence warning.
+        states, interrupted = est._fit_tasks(data, rngs, quiet=True)
         if interrupted:
             raise KeyboardInterrupt
         values = []
@@ -73,7 +74,10 @@ class MetaValidation:
         return float(np.mean(values))
 
     def evaluate(self, trainer):
-        """Score the trainer's current divergence (and init) and KL; keep the best."""
+        """Score the trainer's current divergence (and init) and KL; keep the best.
+
+        Returns ``(score, kl_score)`` of this evaluation (higher is better).
+        """
         divergence = copy.deepcopy(trainer.divergence).to("cpu").requires_grad_(False)
         init = None if trainer.init_params is None else _tree.to_cpu(trainer.init_params)
         score = self.score(divergence, init)
@@ -91,6 +95,7 @@ class MetaValidation:
                 self.best = {"score": value, "iteration": trainer.n_iter, "kind": kind,
                              "divergence": divergence if kind == "learned" else KL(),
                              "init": init}
+        return score, kl_score
 
     def due(self, n_iter, final):
         return final or n_iter % self.interval == 0

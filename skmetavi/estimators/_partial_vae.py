@@ -118,8 +118,11 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         Inner steps per outer iteration.
     n_tasks_per_batch : int, default=16
         Tasks per outer iteration (all of them if fewer).
-    meta_learn_init : bool, default=False
-        Also meta-learn the networks' initialisation (Algorithm 2).
+    meta_learn_init : bool or "auto", default="auto"
+        Also meta-learn the initialisation of q (Algorithm 2, Meta-D&phi).
+        ``"auto"``: exactly when the divergence has nothing to learn (e.g. the
+        default ``"kl"``: the paper's VI&phi), so that :meth:`meta_fit` always
+        meta-learns something; a learnable divergence then runs Algorithm 1.
     meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
         How the meta-gradient goes through the inner steps.
     truncate : int, default=None
@@ -152,9 +155,19 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
     random_state : int, RandomState instance or None, default=None
         Seeds every draw.
     verbose : int, default=0
-        Show tqdm progress bars if > 0.
+        Progress on stderr.  0: none; 1: a tqdm bar during :meth:`fit` and
+        :meth:`meta_fit` and a one-line summary when each ends (iterations,
+        first and last loss, the divergence's learned scalars, seconds); 2:
+        also the learned scalars in the bar, a line per meta-validation and
+        every tenth of a fit, and the settings in the summary.
     warm_start : bool, default=False
         Continue from the previous :meth:`fit` (or :meth:`meta_fit`).
+    callbacks : list of callable or Callback, default=None
+        Called after each iteration of :meth:`fit` and :meth:`meta_fit`:
+        ``fn(estimator, record) -> bool or None`` with that iteration's record
+        (the row appended to ``history_`` or ``meta_history_``), True to stop
+        training after it; or :class:`skmetavi.callbacks.Callback` objects
+        such as :class:`~skmetavi.callbacks.EarlyStopping`.
 
     Attributes
     ----------
@@ -166,6 +179,10 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         Divergence used by the last :meth:`fit`.
     loss_curve_ : ndarray of shape (n_steps,)
         Negative bound (summed over the group's users) at each inner step.
+    history_ : skmetavi.callbacks.History
+        One record per inner step of :meth:`fit` (``iteration``, ``loss``,
+        ``time`` in seconds), ``history_[:, "loss"]`` equal to ``loss_curve_``;
+        warm-started fits append to it.
     n_iter_ : int
         Inner steps of the last :meth:`fit`.
     n_features_in_ : int
@@ -179,6 +196,11 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss (negative held-out log-likelihood per rating, on the
         [0, 1] scale) of each outer iteration.
+    meta_history_ : skmetavi.callbacks.History
+        One record per outer iteration of :meth:`meta_fit` (``iteration``,
+        ``meta_loss``, the divergence's learned scalars such as ``alpha``,
+        ``time``, and ``validation_score`` / ``validation_kl_score`` where
+        meta-validation ran); warm-started calls append to it.
     n_meta_iter_ : int
         Outer iterations run in total.
     meta_tasks_ : ndarray
@@ -221,6 +243,8 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
     """
 
     DEFAULT_MAX_ITER = 200
+    #: Task-level wrappers fit a whole group and score its held-out entries (not rows).
+    _task_protocol = "entries"
     DEFAULT_INNER_LR = {"adam": 1e-3, "sgd": 1e-4}
 
     _parameter_constraints = {
@@ -263,7 +287,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         max_meta_iter=200,
         n_inner_steps=1,
         n_tasks_per_batch=16,
-        meta_learn_init=False,
+        meta_learn_init="auto",
         meta_gradient="full",
         truncate=None,
         implicit_max_iter=100,
@@ -281,6 +305,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         random_state=None,
         verbose=0,
         warm_start=False,
+        callbacks=None,
     ):
         self.n_components = n_components
         self.code_size = code_size
@@ -321,6 +346,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.callbacks = callbacks
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -503,7 +529,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
             )
 
     # ------------------------------------------------------- fit
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, groups=None):
         """Train a partial VAE on one group's observed ratings (with the meta-learned divergence).
 
         Uses ``meta_divergence_`` (and ``meta_init_``) when :meth:`meta_fit` was
@@ -517,6 +543,10 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
             Observed ratings (missing: NaN, or not stored).
         y : None
             Ignored.
+        groups : array-like of shape (n_users,), default=None
+            Not used: rows of several groups only trigger a
+            :class:`~skmetavi.exceptions.NoMetaLearningWarning` (see
+            :meth:`MetaBNNRegressor.fit <skmetavi.MetaBNNRegressor.fit>`).
 
         Returns
         -------
@@ -525,7 +555,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         """
         saved = dict(self.__dict__)
         try:
-            return super().fit(X, None)
+            return super().fit(X, None, groups=groups)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)

@@ -143,8 +143,11 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         Inner steps B per outer iteration.
     n_tasks_per_batch : int, default=16
         Tasks per outer iteration (all of them if fewer).
-    meta_learn_init : bool, default=False
-        Also meta-learn the networks' initialisation (Algorithm 2).
+    meta_learn_init : bool or "auto", default="auto"
+        Also meta-learn the initialisation of q (Algorithm 2, Meta-D&phi).
+        ``"auto"``: exactly when the divergence has nothing to learn (e.g. the
+        default ``"kl"``: the paper's VI&phi), so that :meth:`meta_fit` always
+        meta-learns something; a learnable divergence then runs Algorithm 1.
     meta_gradient : {"full", "first_order", "truncated", "implicit"}, default="full"
         How the meta-gradient goes through the inner steps (see
         :class:`~skmetavi.MetaDivergenceVI`).
@@ -192,9 +195,19 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     random_state : int, RandomState instance or None, default=None
         Seeds every draw (initial weights, minibatches, samples of z, scores).
     verbose : int, default=0
-        Show tqdm progress bars if > 0.
+        Progress on stderr.  0: none; 1: a tqdm bar during :meth:`fit` and
+        :meth:`meta_fit` and a one-line summary when each ends (iterations,
+        first and last loss, the divergence's learned scalars, seconds); 2:
+        also the learned scalars in the bar, a line per meta-validation and
+        every tenth of a fit, and the settings in the summary.
     warm_start : bool, default=False
         Continue from the previous :meth:`fit` (or :meth:`meta_fit`).
+    callbacks : list of callable or Callback, default=None
+        Called after each iteration of :meth:`fit` and :meth:`meta_fit`:
+        ``fn(estimator, record) -> bool or None`` with that iteration's record
+        (the row appended to ``history_`` or ``meta_history_``), True to stop
+        training after it; or :class:`skmetavi.callbacks.Callback` objects
+        such as :class:`~skmetavi.callbacks.EarlyStopping`.
 
     Attributes
     ----------
@@ -208,6 +221,10 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     loss_curve_ : ndarray of shape (n_steps,)
         Negative bound of the divergence (summed over the task's rows) at each
         inner step of :meth:`fit`.
+    history_ : skmetavi.callbacks.History
+        One record per inner step of :meth:`fit` (``iteration``, ``loss``,
+        ``time`` in seconds), ``history_[:, "loss"]`` equal to ``loss_curve_``;
+        warm-started fits append to it.
     n_iter_ : int
         Inner steps of the last :meth:`fit`.
     n_features_in_ : int
@@ -222,6 +239,11 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     meta_loss_curve_ : ndarray of shape (n_meta_iter_,)
         Mean meta-loss (negative held-out evidence per row) of each outer
         iteration.
+    meta_history_ : skmetavi.callbacks.History
+        One record per outer iteration of :meth:`meta_fit` (``iteration``,
+        ``meta_loss``, the divergence's learned scalars such as ``alpha``,
+        ``time``, and ``validation_score`` / ``validation_kl_score`` where
+        meta-validation ran); warm-started calls append to it.
     n_meta_iter_ : int
         Outer iterations run in total.
     meta_tasks_ : ndarray
@@ -309,7 +331,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         max_meta_iter=200,
         n_inner_steps=1,
         n_tasks_per_batch=16,
-        meta_learn_init=False,
+        meta_learn_init="auto",
         meta_gradient="full",
         truncate=None,
         implicit_max_iter=100,
@@ -329,6 +351,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         random_state=None,
         verbose=0,
         warm_start=False,
+        callbacks=None,
     ):
         self.n_components = n_components
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -368,6 +391,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.callbacks = callbacks
 
     # ----------------------------------------------------------- hooks
     def _model(self, n_features):

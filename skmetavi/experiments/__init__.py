@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from skmetavi.experiments import _bnn, _mog, _partial_vae, _vae
-from skmetavi.experiments._report import Row, format_table, write_results
+from skmetavi.experiments._report import Row, format_table, progress, reporting, write_results
 
 __all__ = ["EXPERIMENTS", "reproduce", "Row"]
 
@@ -60,7 +60,8 @@ def reproduce(name, budget="quick", out="results", seed=0, verbose=True):
     out : str or path, default="results"
     seed : int, default=0
     verbose : bool, default=True
-        Print the table.
+        Print the table, and progress lines on stderr as the runs go (one per
+        method or seed: ``[NAME  12 s] ...``).
 
     Returns
     -------
@@ -73,7 +74,10 @@ def reproduce(name, budget="quick", out="results", seed=0, verbose=True):
     if budget not in budgets:
         raise ValueError(f"Unknown budget {budget!r}; valid budgets are {sorted(budgets)}.")
     t0 = time.perf_counter()
-    rows, figure = runner(budgets[budget], seed)
+    with reporting(name, enabled=verbose):
+        progress(f"budget={budget}, seed={seed}: {EXPERIMENTS[name][0]}")
+        rows, figure = runner(budgets[budget], seed)
+        progress(f"done in {time.perf_counter() - t0:.0f} s")
     if plotter is not None and figure is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         plotter(figure, Path(out) / f"{name}.png")

@@ -20,7 +20,7 @@ from skmetavi.datasets import make_mog_tasks
 from skmetavi.divergences import KL, NeuralF, Renyi
 from skmetavi.estimators import MetaDivergenceVI
 from skmetavi.experiments._bo import bayesian_optimization
-from skmetavi.experiments._report import Row
+from skmetavi.experiments._report import Row, describe_call, progress
 
 LOSSES = {"d_half": "D_0.5", "tv": "TV"}
 
@@ -68,10 +68,26 @@ def _single_thread(fn, *args, **kwargs):
 
 
 def _parallel(calls):
-    """Run ``(fn, args, kwargs)`` triples in worker processes (1 torch thread each)."""
-    if len(calls) == 1 or _n_jobs() == 1:
-        return [fn(*a, **k) for fn, a, k in calls]
-    return Parallel(n_jobs=_n_jobs())(delayed(_single_thread)(fn, *a, **k) for fn, a, k in calls)
+    """Run ``(fn, args, kwargs)`` triples in worker processes (1 torch thread each).
+
+    A progress line per finished call (``skmetavi reproduce``), in the order of ``calls``.
+    """
+    n = len(calls)
+    if n == 1 or _n_jobs() == 1:
+        results = []
+        for i, (fn, a, k) in enumerate(calls, start=1):
+            progress(f"run {i}/{n}: {describe_call(fn, a)} ...")
+            results.append(fn(*a, **k))
+        return results
+    progress(f"{n} runs on {_n_jobs()} processes: "
+             f"{', '.join(describe_call(fn, a) for fn, a, _ in calls)}")
+    results = []
+    done = Parallel(n_jobs=_n_jobs(), return_as="generator")(
+        delayed(_single_thread)(fn, *a, **k) for fn, a, k in calls)
+    for i, ((fn, a, _), out) in enumerate(zip(calls, done), start=1):
+        progress(f"run {i}/{n} done: {describe_call(fn, a)}")
+        results.append(out)
+    return results
 
 
 # ------------------------------------------------------------------ training

@@ -33,7 +33,7 @@ from skmetavi.datasets import fetch_movielens_tasks
 from skmetavi.divergences import KL, NeuralF, Renyi
 from skmetavi.estimators import MetaPartialVAE
 from skmetavi.experiments._ratings_baselines import rating_baselines
-from skmetavi.experiments._report import Row
+from skmetavi.experiments._report import Row, progress
 
 TRAIN_GROUPS = (18, 25, 35, 45)
 TEST_GROUPS = (1, 50, 56)
@@ -181,6 +181,7 @@ def _run_setting(setting, budget, ratings, groups, seed, curves, info, baselines
     methods = METHODS_D_PHI if alg2 else METHODS_D
     n_iter = budget["alg2_adapt_iter"] if alg2 else budget["adapt_iter"]
     for name in methods:
+        progress(f"{name} ({setting}, seed {seed})")
         est = _estimator(budget, seed, name, alg2)
         entry = info.setdefault(name, {"alpha": [], "meta_seconds": [], "fit_seconds": []})
         if name.startswith("meta") or alg2:

@@ -6,11 +6,44 @@
 import csv
 import json
 import math
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+
+# Progress lines of ``skmetavi reproduce`` (on stderr; off unless :func:`reporting` is active).
+_PROGRESS = {"name": None, "t0": 0.0}
+
+
+@contextmanager
+def reporting(name, enabled=True):
+    """Within the block, :func:`progress` writes its lines to stderr, prefixed by ``name``."""
+    previous = dict(_PROGRESS)
+    if enabled:
+        _PROGRESS.update(name=name, t0=time.perf_counter())
+    try:
+        yield
+    finally:
+        _PROGRESS.update(previous)
+
+
+def progress(message):
+    """One progress line on stderr, ``[NAME   12 s] message`` (only inside :func:`reporting`)."""
+    if _PROGRESS["name"] is None:
+        return
+    elapsed = time.perf_counter() - _PROGRESS["t0"]
+    print(f"[{_PROGRESS['name']} {elapsed:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def describe_call(fn, args):
+    """``fn``'s name and its short positional arguments, e.g. ``table4_seed(3)``."""
+    shown = [repr(a) for a in args if isinstance(a, (str, int, float)) and not isinstance(a, bool)]
+    return f"{fn.__name__.strip('_')}({', '.join(shown)})"
 
 
 @dataclass

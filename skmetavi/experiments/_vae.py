@@ -23,7 +23,7 @@ import numpy as np
 from skmetavi.datasets import fetch_mnist_tasks, load_digits_tasks
 from skmetavi.divergences import KL, NeuralF, Renyi
 from skmetavi.estimators import MetaVAE
-from skmetavi.experiments._report import Row
+from skmetavi.experiments._report import Row, progress
 
 TEST_DIGITS = (5, 6, 7, 8, 9)
 TRAIN_DIGITS = (0, 1, 2, 3, 4)
@@ -152,6 +152,7 @@ def table6(budget, seed):
     meta = np.isin(gtr, TRAIN_DIGITS)
     results, info = {}, {}
     for name in PAPER6:
+        progress(f"{name} (seed {seed})")
         est = _estimator(budget, seed, _divergence(name), max_iter=budget["t6_epochs"],
                          max_meta_iter=budget["meta_iter"])
         if name.startswith("meta"):
@@ -194,6 +195,7 @@ def table7(budget, seed):
     results, info = {}, {}
     base = {"VI&φ": KL(), "meta-α&φ": Renyi(1.0), "meta-f&φ": NeuralF(**NEURAL_F)}
     for name, div in base.items():
+        progress(f"{name} (seed {seed})")
         est = _estimator(budget, seed, div, meta_learn_init=True, max_meta_iter=budget["alg2_iter"],
                          max_iter=budget["t7_epochs"], **ALG2)
         est, secs = _meta_train(est, Xa, ga)

@@ -5,6 +5,7 @@
 
 from skmetavi.models._bnn import BNNRegression
 from skmetavi.models._linear_gaussian import LinearGaussianLatent
+from skmetavi.models._module_bnn import ModuleBNNRegression
 from skmetavi.models._protocol import GlobalLatent, LatentModel
 from skmetavi.models._partial_vae import PartialVAELatent
 from skmetavi.models._vae import VAELatent
@@ -37,6 +38,7 @@ __all__ = [
     "LatentModel",
     "LinearGaussianLatent",
     "MeanFieldGaussian",
+    "ModuleBNNRegression",
     "PartialVAELatent",
     "Target",
     "VAELatent",

@@ -60,6 +60,10 @@ class LatentModel:
     supports_minibatch : bool
         Whether a minibatch of rows with the likelihood rescaled by ``N /
         batch`` is an unbiased estimate.
+    exchangeable_rows : bool
+        Whether a task's rows are exchangeable observations, so that held-out
+        rows of a task are a smaller sample of the same task (a callable
+        meta-loss is then scored on held-out rows).
 
     See Also
     --------
@@ -104,6 +108,7 @@ class LatentModel:
     local_keys: tuple = ()
     has_likelihood: bool = False
     supports_minibatch: bool = True
+    exchangeable_rows: bool = True
 
     def init_params(self, tasks, *, generator) -> dict:
         """Return initial parameters for the tasks of ``tasks``.
@@ -330,6 +335,11 @@ class GlobalLatent(LatentModel):
     def supports_minibatch(self):
         """Whether the target's rows may be minibatched."""
         return self.target.supports_minibatch
+
+    @property
+    def exchangeable_rows(self):
+        """Whether the target's rows are exchangeable observations (may be held out)."""
+        return self.target.exchangeable_rows
 
     def init_params(self, tasks, *, generator):
         M, n_features = tasks.n_tasks, tasks.X.shape[-1]

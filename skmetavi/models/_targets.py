@@ -65,9 +65,25 @@ class Target(ParamsMixin):
     Attributes
     ----------
     requires_y : bool
-        Whether tasks need targets ``y``.
+        Whether tasks need targets ``y`` (implies ``accepts_y``).
+    accepts_y : bool
+        Whether the target reads ``y`` when one is given: the estimators then
+        validate it and pass it on, and pass None without one.  Targets that
+        neither require nor accept ``y`` ignore it, as unsupervised
+        scikit-learn estimators do.
     has_likelihood : bool
         Whether :meth:`log_likelihood` (per-row) is available.
+    supports_minibatch : bool
+        Whether a task's rows are i.i.d. likelihood terms, so that a minibatch
+        of rows with the log-likelihood rescaled by ``N / batch`` is an
+        unbiased estimate (``batch_size``).
+    exchangeable_rows : bool
+        Whether a task's rows are exchangeable observations, so that a part of
+        them is a smaller sample of the same task: ``meta_fit`` then holds out
+        ``query_fraction`` of every task's rows for a callable ``meta_loss``
+        (the inner loop runs on the rest).  False for targets whose rows
+        define the target itself (the components of
+        :class:`GaussianMixture1D`): leaving some out would change it.
 
     See Also
     --------
@@ -90,10 +106,10 @@ class Target(ParamsMixin):
     """
 
     requires_y = False
+    accepts_y = False
     has_likelihood = False
-    #: Whether a task's rows are i.i.d. likelihood terms, so that a minibatch of rows
-    #: with the log-likelihood rescaled by ``N / batch`` is an unbiased estimate.
     supports_minibatch = True
+    exchangeable_rows = True
 
     def n_latent(self, n_features: int) -> int:
         """Return the dimension of z for data with ``n_features`` columns.
@@ -243,6 +259,7 @@ class GaussianMixture1D(Target):
     """
 
     supports_minibatch = False  # rows are the mixture's components, not data
+    exchangeable_rows = False  # a held-out component would change the target
 
     def n_latent(self, n_features):
         return 1
@@ -281,7 +298,7 @@ class GaussianMixture1D(Target):
 
 
 class GaussianMean(Target):
-    """Conjugate Gaussian-mean model: ``x_n ~ N(z, noise_scale^2 I)``, ``z ~ N(0, prior_scale^2 I)``.
+    """Conjugate Gaussian mean: ``x_n ~ N(z, noise_scale^2 I)``, ``z ~ N(0, prior_scale^2 I)``.
 
     The exact posterior is Gaussian (:meth:`posterior`), so VI with a
     Gaussian family and *any* divergence recovers it exactly.
@@ -437,16 +454,24 @@ class CallableTarget(Target):
     """Wrap a user function ``log_joint(z, X, y) -> Tensor`` as a target.
 
     The function sees one task at a time, unpadded; the target loops over the
-    tasks of a batch.  It has no per-row likelihood.
+    tasks of a batch.  It has no per-row likelihood.  It receives the task's
+    targets ``y`` whenever the data has them (``accepts_y``), None otherwise.
 
     Parameters
     ----------
     fn : callable
         ``fn(z, X, y)`` with ``z`` of shape (n_particles, n_latent), one task's
-        ``X`` of shape (n_rows, n_features) and ``y`` (or None); returns the
-        unnormalised log density, shape (n_particles,), differentiable in z.
+        ``X`` of shape (n_rows, n_features) and ``y`` of shape (n_rows,) (or
+        None when no ``y`` was passed); returns the unnormalised log density,
+        shape (n_particles,), differentiable in z.
     n_latent : int
         Dimension of z.
+    exchangeable_rows : bool, default=True
+        Whether each row of ``X`` (with its ``y``) is one observation of the
+        task, so that a callable ``meta_loss`` is scored on held-out rows
+        (``query_fraction``) that the inner loop does not see.  Set it to
+        False when the rows define the target rather than sample from it
+        (e.g. mixture components): the meta-loss then sees all of them.
 
     See Also
     --------
@@ -466,9 +491,10 @@ class CallableTarget(Target):
     tensor([[-0.5000, -2.0000]])
     """
 
+    accepts_y = True
     supports_minibatch = False  # the callable sees the rows it is given, unscaled
 
-    def __init__(self, fn, n_latent):
+    def __init__(self, fn, n_latent, exchangeable_rows=True):
         if not callable(fn):
             raise TypeError(f"CallableTarget: fn must be callable, got {type(fn).__name__}.")
         if isinstance(n_latent, bool) or not isinstance(n_latent, Integral) or n_latent < 1:
@@ -476,11 +502,18 @@ class CallableTarget(Target):
                 "A callable model needs n_latent, the dimension of z, as a positive int; "
                 f"got n_latent={n_latent!r}."
             )
+        if not isinstance(exchangeable_rows, bool):
+            raise TypeError(
+                "CallableTarget: exchangeable_rows must be a bool, got "
+                f"{exchangeable_rows!r}."
+            )
         self.fn = fn
         self._n_latent = int(n_latent)
+        self.exchangeable_rows = exchangeable_rows
 
     def get_params(self, deep=True):
-        return {"fn": self.fn, "n_latent": self._n_latent}
+        return {"fn": self.fn, "n_latent": self._n_latent,
+                "exchangeable_rows": self.exchangeable_rows}
 
     def n_latent(self, n_features):
         return self._n_latent
