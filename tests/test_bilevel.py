@@ -6,7 +6,6 @@
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
@@ -22,7 +21,7 @@ from skmetavi._bilevel import (
     run_vi,
 )
 from skmetavi._optim import SGD, Adam
-from skmetavi._tasks import TaskBatch, minibatch, pad_tasks
+from skmetavi._tasks import minibatch, pad_tasks
 from skmetavi.divergences import KL, FDivergence, NeuralF, Renyi, TailAdaptive
 from skmetavi.models import (
     CallableTarget,

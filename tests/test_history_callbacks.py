@@ -289,7 +289,10 @@ def test_blow_up_rule_is_robust_to_noise():
     assert _loop.blow_up(noisy_flat) is None
     assert _loop.blow_up(noisy_decreasing) is None
     assert _loop.blow_up(spike_at_end) is None
-    assert _loop.blow_up([np.nan, 10.0, 50.0, 60.0]) == (10.0, 60.0)
+    assert _loop.blow_up([np.nan, 10.0, 50.0, 60.0, 60.0, 60.0]) == (10.0, 60.0)
+    assert _loop.blow_up([np.nan, 10.0, 20.0, 30.0, 30.0, 30.0]) is None  # 3x: noise-sized
+    assert _loop.blow_up([10.0, 60.0, 60.0, 60.0]) is None  # too short to judge
+    assert _loop.blow_up([1.70, 2.60, 4.46]) is None  # a 3-iteration KL fit (was a false alarm)
     assert _loop.blow_up([10.0]) is None
 
 
@@ -297,7 +300,7 @@ def test_meta_fit_blow_up_warns():
     est = MetaDivergenceVI(**MOG)
     with pytest.warns(ConvergenceWarning, match=r"meta_fit diverged.*from 1 at the first outer "
                       r"iteration to 9.*Lower meta_lr \(now 0.01\)"):
-        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0], learn_init=False)
+        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=False)
     est._warn_meta_blow_up([1.0, 0.9, 0.5], learn_init=False)  # no warning
 
 

@@ -31,7 +31,37 @@ ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "softplus": F.softplus, "
 MIN_NOISE = 1e-3
 
 
-class BNNRegression(Target):
+class _GaussianRegressionHead:
+    """The Gaussian likelihood, weight prior and noise parameter of the BNN targets.
+
+    A subclass provides ``forward`` from its network outputs through
+    :meth:`_mean_scale`, and the attributes ``likelihood`` and ``prior_scale``.
+    """
+
+    def init_params(self, n_tasks, *, dtype, device):
+        if self.likelihood == "homoskedastic":
+            # softplus(0.5413) = 1: unit noise in standardised units.
+            return {"log_noise": torch.full((n_tasks, 1), 0.5413, dtype=dtype, device=device)}
+        return {}
+
+    def _mean_scale(self, h, params):
+        """``(mean, scale)`` of shape (M, K, n) from raw outputs (M, K, n[, n_out])."""
+        mean = h if h.dim() == 3 else h[..., 0]
+        if self.likelihood == "heteroskedastic":
+            scale = F.softplus(h[..., 1]) + MIN_NOISE
+        else:
+            scale = (F.softplus(params["log_noise"]) + MIN_NOISE).unsqueeze(-1).expand_as(mean)
+        return mean, scale
+
+    def log_prior(self, z, params):
+        return _isotropic_log_prior(z, float(self.prior_scale))
+
+    def log_likelihood(self, z, tasks, params):
+        mean, scale = self.forward(z, tasks.X, params)
+        return _normal_log_prob(tasks.y.unsqueeze(1), mean, scale)
+
+
+class BNNRegression(_GaussianRegressionHead, Target):
     """MLP regression ``y ~ N(f_z(x), sigma(x)^2)`` with ``z ~ N(0, prior_scale^2 I)``.
 
     The latent ``z`` is the flat vector of all weights and biases, layer by
@@ -152,12 +182,6 @@ class BNNRegression(Target):
             chunks += [w, torch.zeros((n_tasks, o), dtype=dtype, device=device)]
         return torch.cat(chunks, dim=-1)
 
-    def init_params(self, n_tasks, *, dtype, device):
-        if self.likelihood == "homoskedastic":
-            # softplus(0.5413) = 1: unit noise in standardised units.
-            return {"log_noise": torch.full((n_tasks, 1), 0.5413, dtype=dtype, device=device)}
-        return {}
-
     # ------------------------------------------------------------- forward
     def forward(self, z, X, params):
         """Evaluate the M x K networks.
@@ -192,18 +216,5 @@ class BNNRegression(Target):
             h = torch.baddbmm(b, h, W)  # b + h @ W in one pass, (M*K, n, o)
             if li < len(shapes) - 1:
                 h = act(h)
-        h = h.reshape(M, K, n, -1)
-        mean = h[..., 0]
-        if self.likelihood == "heteroskedastic":
-            scale = F.softplus(h[..., 1]) + MIN_NOISE
-        else:
-            scale = (F.softplus(params["log_noise"]) + MIN_NOISE).unsqueeze(-1).expand_as(mean)
-        return mean, scale
-
-    def log_prior(self, z, params):
-        return _isotropic_log_prior(z, float(self.prior_scale))
-
-    def log_likelihood(self, z, tasks, params):
-        mean, scale = self.forward(z, tasks.X, params)
-        return _normal_log_prob(tasks.y.unsqueeze(1), mean, scale)
+        return self._mean_scale(h.reshape(M, K, n, -1), params)
 

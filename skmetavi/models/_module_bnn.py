@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
 
-from skmetavi.models._bnn import LIKELIHOODS, MIN_NOISE
-from skmetavi.models._targets import Target, _check_scale, _isotropic_log_prior, _normal_log_prob
+from skmetavi.models._bnn import LIKELIHOODS, _GaussianRegressionHead
+from skmetavi.models._targets import Target, _check_scale
 
 __all__ = ["ModuleBNNRegression"]
 
@@ -78,7 +77,7 @@ def _check_network(network, likelihood):
             )
 
 
-class ModuleBNNRegression(Target):
+class ModuleBNNRegression(_GaussianRegressionHead, Target):
     """Regression ``y ~ N(f_z(x), sigma(x)^2)`` with any ``torch.nn.Module`` as ``f``.
 
     Every trainable parameter of ``network`` (``requires_grad=True``) is a
@@ -253,12 +252,6 @@ class ModuleBNNRegression(Target):
         loc = self._init.to(device=device, dtype=dtype)
         return loc.unsqueeze(0).expand(n_tasks, -1).clone()
 
-    def init_params(self, n_tasks, *, dtype, device):
-        if self.likelihood == "homoskedastic":
-            # softplus(0.5413) = 1: unit noise in standardised units (as BNNRegression).
-            return {"log_noise": torch.full((n_tasks, 1), 0.5413, dtype=dtype, device=device)}
-        return {}
-
     # ------------------------------------------------------------- forward
     def _outputs(self, z, X):
         """The raw network outputs, (M, K, n, n_out) or (M, K, n)."""
@@ -296,17 +289,4 @@ class ModuleBNNRegression(Target):
         scale : torch.Tensor of shape (M, K, n)
             Noise standard deviations.
         """
-        h = self._outputs(z, X)
-        mean = h if h.dim() == 3 else h[..., 0]
-        if self.likelihood == "heteroskedastic":
-            scale = F.softplus(h[..., 1]) + MIN_NOISE
-        else:
-            scale = (F.softplus(params["log_noise"]) + MIN_NOISE).unsqueeze(-1).expand_as(mean)
-        return mean, scale
-
-    def log_prior(self, z, params):
-        return _isotropic_log_prior(z, float(self.prior_scale))
-
-    def log_likelihood(self, z, tasks, params):
-        mean, scale = self.forward(z, tasks.X, params)
-        return _normal_log_prob(tasks.y.unsqueeze(1), mean, scale)
+        return self._mean_scale(self._outputs(z, X), params)
