@@ -20,6 +20,8 @@ PUBLIC_MODULES = [
     "skmetavi.metrics",
     "skmetavi.model_selection",
     "skmetavi.models",
+    "skmetavi.pipeline",
+    "skmetavi.plotting",
 ]
 
 # numpydoc error codes ignored everywhere

@@ -12,7 +12,6 @@ import pytest
 
 from skmetavi._cli import main
 from skmetavi.experiments import EXPERIMENTS, reproduce
-from skmetavi.experiments._bo import bayesian_optimization
 
 
 @pytest.mark.parametrize(
@@ -58,13 +57,6 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "skmetavi", "reproduce", "list"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "table1" in res.stdout
-
-
-def test_bayesian_optimization_finds_minimum_of_smooth_function():
-    res = bayesian_optimization(lambda a: (a - 0.7) ** 2, (0.05, 2.0), n_evals=12, random_state=0)
-    assert abs(res.best_after(12) - 0.7) < 0.05
-    assert res.best_after(12) == res.x[int(min(range(12), key=lambda i: res.y[i]))]
-    assert len(res.t) == 12 and res.seconds_after(8) <= res.seconds_after(12)
 
 
 def _write_ml100k(folder, seed=0):

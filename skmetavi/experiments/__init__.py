@@ -3,13 +3,23 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+import platform
 import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 from skmetavi.experiments import _bnn, _mog, _partial_vae, _vae
-from skmetavi.experiments._report import Row, format_table, progress, reporting, write_results
+from skmetavi.experiments._report import (
+    Row,
+    format_markdown_table,
+    format_table,
+    progress,
+    reporting,
+    write_results,
+)
 
-__all__ = ["EXPERIMENTS", "reproduce", "Row"]
+__all__ = ["EXPERIMENTS", "reproduce", "reproduce_all", "Row"]
 
 #: name -> (description, runner(budget_dict, seed) -> (rows, figure data), budgets, plotter, config)
 EXPERIMENTS = {
@@ -86,3 +96,62 @@ def reproduce(name, budget="quick", out="results", seed=0, verbose=True):
     if verbose:
         print(format_table(f"{name} (budget={budget}, seed={seed}, {seconds:.0f} s)", rows))
     return payload
+
+
+def reproduce_all(budget="quick", out="results", seed=0, verbose=True):
+    """Run every reproduction and write one Markdown report, ``out/REPORT.md``.
+
+    Each experiment writes its own files as :func:`reproduce` does; the report
+    has one section per experiment with our numbers beside the paper's, its
+    time and its plot.  An experiment that fails (a missing data set, say) is
+    reported with its error and the others still run; the failure is raised
+    again once the report is written, so that a script sees it.
+
+    Parameters
+    ----------
+    budget : {"quick", "paper", "smoke"}, default="quick"
+    out : str or path, default="results"
+    seed : int, default=0
+    verbose : bool, default=True
+        Progress lines on stderr and each table on stdout.
+
+    Returns
+    -------
+    report : pathlib.Path
+        The path of ``REPORT.md``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections, failures = [], []
+    for i, name in enumerate(EXPERIMENTS, 1):
+        if verbose:
+            print(f"[all] {i}/{len(EXPERIMENTS)}: {name}", flush=True)
+        try:
+            payload = reproduce(name, budget=budget, out=out, seed=seed, verbose=verbose)
+        except Exception as exc:  # report it, run the rest, raise at the end
+            failures.append((name, exc))
+            sections.append(f"## {name}\n\n{EXPERIMENTS[name][0]}\n\n**Failed**: "
+                            f"`{type(exc).__name__}: {exc}`\n\n```\n"
+                            f"{traceback.format_exc(limit=3)}```\n")
+            continue
+        rows = [Row(**r) for r in payload["rows"]]
+        plot = out / f"{name}.png"
+        sections.append(
+            f"## {name}\n\n{EXPERIMENTS[name][0]} ({payload['seconds']:.0f} s)\n\n"
+            + format_markdown_table(rows) + "\n"
+            + (f"\n![{name}]({plot.name})\n" if plot.exists() else "")
+        )
+    seconds = time.perf_counter() - t0
+    head = (f"# skmetavi reproductions\n\nBudget `{budget}`, seed {seed}, {stamp}, "
+            f"{seconds:.0f} s on {platform.machine()} ({platform.python_version()}). "
+            "\"ours\" is mean ± std over seeds where there are several; \"paper\" is "
+            "Zhang et al. (AISTATS 2021). Each table's files are beside this report.\n")
+    report = out / "REPORT.md"
+    report.write_text("\n".join([head, *sections]))
+    if failures:
+        names = ", ".join(n for n, _ in failures)
+        raise RuntimeError(f"{len(failures)} reproduction(s) failed ({names}); the others "
+                           f"are in {report}.") from failures[0][1]
+    return report

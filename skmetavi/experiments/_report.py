@@ -84,6 +84,14 @@ def format_table(name, rows):
     return "\n".join(out)
 
 
+def format_markdown_table(rows):
+    """Markdown table: method, metric, ours (± std), paper."""
+    lines = ["| method | metric | ours | paper |", "|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.metric} | {_fmt(r.ours, r.ours_std)} | {_fmt(r.paper)} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def write_results(out_dir, name, budget, rows, seconds, config=None):
     """Write ``NAME.json`` (the documented schema), ``NAME.csv`` and ``NAME.config.json``."""
     out_dir = Path(out_dir)
