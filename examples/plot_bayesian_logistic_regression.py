@@ -213,5 +213,5 @@ ax1.set_title("15 new digit pairs (lower is better)")
 ax1.legend(fontsize=8)
 fig.tight_layout()
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():  # a script, not sphinx-gallery
     fig.savefig(__file__.replace(".py", ".png"), dpi=100)

@@ -31,7 +31,7 @@ N_SAMPLES = 40
 N_FOLDS = 3
 MAX_ITER = 200  # VI epochs on a new task, from scratch
 N_META_ITER = 150  # outer iterations of Algorithm 1 (learned alpha)
-N_META_ITER_INIT = 300  # outer iterations of Algorithm 2 (learned alpha and init)
+N_META_ITER_INIT = 200  # outer iterations of Algorithm 2 (learned alpha and init)
 N_ADAPT_STEPS = 5  # VI steps on a new task from the learned initialisation
 
 X, y, groups = make_sinusoid_tasks(N_TASKS, N_SAMPLES, random_state=0)
@@ -194,5 +194,5 @@ _ = fig.suptitle("Posterior predictive (mean ± 2 std) on a held-out task")
 # fold's meta-training only sees that fold's training tasks, these numbers
 # estimate the performance on new tasks without leakage.
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():  # a script, not sphinx-gallery
     fig.savefig(__file__.replace(".py", ".png"), dpi=100)

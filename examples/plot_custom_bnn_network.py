@@ -177,5 +177,5 @@ _ = fig.suptitle("Posterior predictive (mean ± 2 std) on a held-out task")
 # on the architecture: the same code runs any module whose rows' outputs are
 # independent of each other.
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():  # a script, not sphinx-gallery
     fig.savefig(__file__.replace(".py", ".png"), dpi=100)

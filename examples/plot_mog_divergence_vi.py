@@ -83,5 +83,5 @@ print(f"D_0.5  KL-VI: {d_half(kl):.4f}   meta-alpha VI: {d_half(meta):.4f}")
 # KL(q||p) is mode seeking, so KL-VI concentrates on one mode, while the learned
 # alpha (close to 0.5, the order of the D_0.5 meta-loss) spreads ``q`` over both.
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():  # a script, not sphinx-gallery
     fig.savefig(__file__.replace(".py", ".png"), dpi=100)

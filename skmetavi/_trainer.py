@@ -138,6 +138,9 @@ class MetaTrainer:
         self.n_iter = 0
         self.failures = 0
         self.loss_curve = []
+        # Mean over the sampled tasks of the inner loss (negative bound per support row) at
+        # the last inner step, per outer iteration: the support-row fit, beside the meta-loss.
+        self.inner_loss_curve = []
         self.implicit_residuals = []
         self._zero_grad_run = 0
         self._warned = set()
@@ -193,13 +196,15 @@ class MetaTrainer:
         rows = _distributed.shard(M, self.rank, self.world_size)
         chunk = self.task_chunk_size or max(1, rows.numel())
         device = self.support.X.device
-        J_total, ok, pending = 0.0, True, []
+        J_total, ok, pending, inner_total = 0.0, True, [], 0.0
         # A process may get no task (fewer tasks per batch than processes): it still
         # takes part in every reduction below.
         for part in rows.split(chunk) if rows.numel() else ():
             ids = idx[part].to(device)
-            J_sum, new_params, new_state, part_ok = self._tasks_step(ids, seed, M, part.to(device))
+            J_sum, new_params, new_state, part_ok, inner = self._tasks_step(
+                ids, seed, M, part.to(device))
             J_total += J_sum
+            inner_total += inner
             ok = ok and part_ok
             pending.append((part, new_params, new_state))
         if self.world_size > 1:
@@ -217,6 +222,7 @@ class MetaTrainer:
             self._on_failure(idx)
             self.n_iter += 1
             self.loss_curve.append(math.nan)
+            self.inner_loss_curve.append(math.nan)
             return math.nan
         self.failures = 0
         self._check_meta_gradient()
@@ -235,6 +241,8 @@ class MetaTrainer:
         self.n_iter += 1
         value = J_total / M
         self.loss_curve.append(value)
+        # Per process under distribution (a diagnostic only: its own tasks).
+        self.inner_loss_curve.append(inner_total / max(1, rows.numel()))
         return value
 
     def _meta_parameters(self):
@@ -243,7 +251,8 @@ class MetaTrainer:
     def _tasks_step(self, task_ids, seed, M, part):
         """Lines 4-7 for one chunk of the sampled tasks; accumulates the meta-gradients.
 
-        Returns ``(sum of J over the chunk, new params, new state, ok)``.
+        Returns ``(sum of J over the chunk, new params, new state, ok, sum of the inner
+        losses at the last inner step)`` (the implicit mode reports no inner loss: NaN).
         """
         support, query = self.support.index(task_ids), self.query.index(task_ids)
         implicit = self.mode == "implicit"
@@ -262,7 +271,7 @@ class MetaTrainer:
             )
             if residual is not None:
                 self._check_residual(residual)
-            return J_sum, _tree.detach(params), _tree.detach(state), ok
+            return J_sum, _tree.detach(params), _tree.detach(state), ok, math.nan
         losses = []
 
         def loss_at(b, p):
@@ -288,7 +297,10 @@ class MetaTrainer:
         if ok and self.differentiable:
             # mean over the M tasks of the whole outer batch, accumulated chunk by chunk
             (J_sum / M).backward()
-        return float(J_sum.detach()), _tree.detach(params), _tree.detach(state), ok
+        # Per support row, as the meta-loss is per query row.
+        rows = support.n_rows.to(stats[-1].bound.dtype).clamp(min=1) if stats else None
+        inner = -float((stats[-1].bound.detach() / rows).sum()) if stats else math.nan
+        return float(J_sum.detach()), _tree.detach(params), _tree.detach(state), ok, inner
 
     # ------------------------------------------------------ diagnostics
     def _warn_once(self, key, message, stacklevel=4):
@@ -371,6 +383,7 @@ class MetaTrainer:
             "n_iter": self.n_iter,
             "failures": self.failures,
             "loss_curve": list(self.loss_curve),
+            "inner_loss_curve": list(self.inner_loss_curve),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -383,3 +396,6 @@ class MetaTrainer:
         self.n_iter = state["n_iter"]
         self.failures = state["failures"]
         self.loss_curve = list(state["loss_curve"])
+        # States written before the inner curve existed: unknown (NaN) iterations.
+        self.inner_loss_curve = list(state.get("inner_loss_curve",
+                                               [math.nan] * len(self.loss_curve)))

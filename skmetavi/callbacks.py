@@ -4,13 +4,17 @@ Every estimator records one dict per iteration: ``history_`` for :meth:`fit`
 (``iteration``, ``loss``, ``time``) and ``meta_history_`` for ``meta_fit``
 (``iteration``, ``meta_loss``, the divergence's learned scalars such as
 ``alpha``, ``time``, and ``validation_score`` / ``validation_kl_score`` on
-the iterations where meta-validation ran).  Both are :class:`History` lists
-with column access, ``est.meta_history_[:, "meta_loss"]``.
+the iterations where meta-validation ran).  ``time`` is the wall-clock
+duration of that one iteration in seconds (its meta-validation included), not
+a running total: ``np.cumsum(est.meta_history_[:, "time"])`` is the elapsed
+training time.  Both are :class:`History` lists with column access,
+``est.meta_history_[:, "meta_loss"]``.
 
 The ``callbacks`` parameter of the estimators takes a list of callables
 ``fn(estimator, record) -> bool or None``, called after each iteration of
 ``fit`` and ``meta_fit`` with that iteration's record (return True to stop),
-or of :class:`Callback` objects such as :class:`EarlyStopping`.
+or of :class:`Callback` objects such as :class:`EarlyStopping` (a single
+callable or :class:`Callback` is the same as a list of one).
 """
 
 # Authors: The skmetavi developers
@@ -18,11 +22,18 @@ or of :class:`Callback` objects such as :class:`EarlyStopping`.
 
 import copy
 import math
+from numbers import Integral, Real
+
+from skmetavi.exceptions import _warn_at_caller
 
 __all__ = ["Callback", "EarlyStopping", "History"]
 
 #: The phases a callback is called in.
 PHASES = ("fit", "meta_fit")
+#: The columns the estimators write, by phase (``meta_fit`` adds the divergence's learned
+#: scalars, and the validation columns with ``validation_fraction``).
+COLUMNS = {"fit": ("iteration", "loss", "time"), "meta_fit": ("iteration", "meta_loss", "time")}
+VALIDATION_COLUMNS = ("validation_score", "validation_kl_score")
 
 
 class History(list):
@@ -34,7 +45,10 @@ class History(list):
     the rows that have one (``validation_score`` exists only on the validated
     iterations), ``history[:, ("iteration", "validation_score")]`` the list of
     tuples of the rows that have both, and ``history[-1, "loss"]`` one value.
-    It pickles and copies as a list.
+    As in skorch, selecting a column that none of the selected rows has
+    raises ``KeyError`` (``history[-1:, "validation_score"]`` as well as
+    ``history[-1, "validation_score"]`` when the last iteration was not
+    validated).  It pickles and copies as a list.
 
     Parameters
     ----------
@@ -76,21 +90,21 @@ class History(list):
         selected = list.__getitem__(self, key)
         return History(selected) if isinstance(key, slice) else selected
 
-    @staticmethod
-    def _cells(record, columns):
-        if isinstance(columns, (tuple, list)):
-            return tuple(record[c] for c in columns)
-        return record[columns]
+    def _cells(self, record, columns):
+        return self._column([record], columns)[0]
 
-    def _column(self, rows, columns):
+    @staticmethod
+    def _column(rows, columns):
         names = tuple(columns) if isinstance(columns, (tuple, list)) else (columns,)
-        known = set().union(*(r.keys() for r in self))
-        missing = [c for c in names if c not in known]
-        if missing:
-            raise KeyError(
-                f"No record has the column(s) {missing}; the columns are {sorted(known)}."
-            )
         kept = [r for r in rows if all(c in r for c in names)]
+        if not kept:
+            known = set().union(*(r.keys() for r in rows))
+            missing = [c for c in names if c not in known] or list(names)
+            which = ("The selected record has no", "its") if len(rows) == 1 else (
+                f"None of the {len(rows)} selected records has a", "their")
+            raise KeyError(
+                f"{which[0]} column {missing}; {which[1]} columns are {sorted(known)}."
+            )
         if isinstance(columns, (tuple, list)):
             return [tuple(r[c] for c in names) for r in kept]
         return [r[columns] for r in kept]
@@ -188,9 +202,12 @@ class EarlyStopping(Callback):
     curves and histories end there).  A value improves if it is lower
     (``mode="min"``) or higher (``mode="max"``) than the best so far; NaN (a
     rolled-back step) never improves.  Records without ``monitor`` are ignored:
-    ``"loss"`` exists only in ``fit``, ``"meta_loss"`` only in ``meta_fit``, and
-    ``"validation_score"`` only on the iterations where meta-validation ran
-    (``validation_fraction``), so that ``patience`` then counts validations.
+    ``"validation_score"`` exists only on the iterations where meta-validation
+    ran (``validation_fraction``), so that ``patience`` then counts validations.
+
+    It acts in one phase, ``fit`` or ``meta_fit``, and is inactive in the other,
+    so that an estimator with ``callbacks=[EarlyStopping()]`` stops its
+    ``meta_fit`` early and still runs every epoch of a later ``fit``.
 
     Parameters
     ----------
@@ -205,11 +222,17 @@ class EarlyStopping(Callback):
     mode : {"auto", "min", "max"}, default="auto"
         Whether lower or higher is better; ``"auto"``: higher for names
         containing ``"score"``, lower otherwise.
+    phase : {"auto", "fit", "meta_fit"}, default="auto"
+        The call it acts in.  ``"auto"``: the phase whose records have
+        ``monitor`` -- ``fit`` for ``"loss"``, ``meta_fit`` for
+        ``"meta_loss"``, the validation scores and the divergence's learned
+        scalars (``"alpha"``) -- and both for a column of neither (one that
+        another callback adds).
 
     Attributes
     ----------
     best_ : float
-        Best monitored value of the last call (None before any).
+        Best monitored value of the last call of its phase (None before any).
     best_iteration_ : int
         Iteration of ``best_``.
     wait_ : int
@@ -224,13 +247,25 @@ class EarlyStopping(Callback):
 
     Notes
     -----
-    State is reset at the start of every ``fit`` / ``meta_fit`` call (a
-    ``warm_start`` call starts counting afresh) and rebuilt from the resumed
-    records when ``meta_fit`` continues from a checkpoint, so that the stop is
-    where an uninterrupted run would stop.  There is no restoring of the best
-    iteration's state: with ``validation_fraction``, ``meta_fit`` already keeps
-    the best validated candidate, so ``EarlyStopping("validation_score")``
-    stops when validation stops improving and keeps the best.
+    A ``monitor`` that the records of the call it acts in cannot have is an
+    error at the start of the call (``ValueError``): ``"validation_score"``
+    without ``validation_fraction``, ``"alpha"`` for a divergence without
+    one, ``"loss"`` with ``phase="meta_fit"``, or a name that is a column of
+    neither phase when no other callback could add it to the records.  When
+    another callback might (a callback may add its own columns to the record
+    it receives), a monitor that never appeared gives a ``UserWarning`` at
+    the end of the call.
+
+    State is reset at the start of every call of its phase (a ``warm_start``
+    call starts counting afresh) and rebuilt from the resumed records when
+    ``meta_fit`` continues from a checkpoint, so that the stop is where an
+    uninterrupted run would stop.  There is no restoring of the best
+    iteration's state: with ``validation_fraction``, ``meta_fit`` keeps the
+    best validated candidate, and the iteration where a callback stops it is
+    validated too (as the last iteration of a run always is), so that
+    ``EarlyStopping("validation_score")`` stops when validation stops
+    improving and keeps the best, and ``EarlyStopping("meta_loss")`` still
+    keeps a validated candidate.
 
     Examples
     --------
@@ -242,23 +277,29 @@ class EarlyStopping(Callback):
     [False, False, False, True]
     >>> stop.best_, stop.best_iteration_, stop.stopped_iteration_
     (2.0, 2, 4)
+    >>> stop.on_iteration_end(None, "meta_fit", {"iteration": 1, "meta_loss": 1.0})
+    False
     """
 
-    def __init__(self, monitor="meta_loss", *, patience=10, min_delta=0.0, mode="auto"):
+    phase = "auto"  # objects pickled before ``phase`` existed
+
+    def __init__(self, monitor="meta_loss", *, patience=10, min_delta=0.0, mode="auto",
+                 phase="auto"):
         self.monitor = monitor
         self.patience = patience
         self.min_delta = min_delta
         self.mode = mode
+        self.phase = phase
 
     def _check(self):
         if not isinstance(self.monitor, str):
             raise TypeError(f"EarlyStopping: monitor must be a str, got {self.monitor!r}.")
-        if (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+        if (isinstance(self.patience, bool) or not isinstance(self.patience, Integral)
                 or self.patience < 1):
             raise ValueError(
                 f"EarlyStopping: patience must be a positive int, got {self.patience!r}."
             )
-        if (isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float))
+        if (isinstance(self.min_delta, bool) or not isinstance(self.min_delta, Real)
                 or not self.min_delta >= 0):
             raise ValueError(
                 f"EarlyStopping: min_delta must be a number >= 0, got {self.min_delta!r}."
@@ -267,14 +308,75 @@ class EarlyStopping(Callback):
             raise ValueError(
                 f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {self.mode!r}."
             )
+        if self.phase not in ("auto", *PHASES):
+            raise ValueError(
+                f"EarlyStopping: phase must be 'auto', 'fit' or 'meta_fit', got {self.phase!r}."
+            )
+
+    def _default_phase(self):
+        """The phase it acts in when the estimator has not said which columns it writes."""
+        if self.phase != "auto":
+            return self.phase
+        return "fit" if self.monitor == "loss" else "meta_fit"
 
     def _higher_is_better(self):
         if self.mode == "auto":
             return "score" in self.monitor
         return self.mode == "max"
 
+    def _check_columns(self, phase, columns, other_columns, closed):
+        """Decide whether it acts in this call; raise if it acts on a column it cannot see.
+
+        ``columns``: those the estimator writes in this ``phase``; ``other_columns``:
+        those it writes in the other phase; ``closed``: no other callback could add
+        a column.  With ``phase="auto"`` it acts where its monitor is a column, and
+        on a column of neither phase in both.  Returns whether the monitor is
+        verified (False: another callback may add it, judged at the end).
+        """
+        self._check()
+        if self.phase != "auto":
+            acting = self.phase == phase
+        elif self.monitor in columns:
+            acting = True
+        else:
+            # A column of the other phase (the validation scores are meta_fit's, with or
+            # without validation_fraction): inactive here.
+            acting = not (self.monitor in other_columns
+                          or (phase == "fit" and self.monitor in VALIDATION_COLUMNS))
+        self._acting = (phase, acting)
+        if not acting or self.monitor in columns:
+            return True
+        reserved = set(VALIDATION_COLUMNS).union(*COLUMNS.values())
+        if not closed and self.monitor not in reserved:
+            return False
+        if self.phase == "auto":
+            fit, meta = ((columns, other_columns) if phase == "fit"
+                         else (other_columns, columns))
+            where = (f"neither fit's records (columns {sorted(fit)}) nor meta_fit's "
+                     f"({sorted(meta)}) have it")
+        else:
+            where = (f"phase={phase!r} and the records of {phase} have the columns "
+                     f"{sorted(columns)}")
+        if self.monitor in VALIDATION_COLUMNS:
+            why = "; meta_fit writes it only with validation_fraction (e.g. 0.2)"
+        elif self.monitor in reserved:
+            why = (f"; it is a column of {'meta_fit' if phase == 'fit' else 'fit'}, "
+                   "which phase='auto' would pick")
+        else:
+            why = ("; a column your own callback adds to the records needs that callback "
+                   "in callbacks")
+        raise ValueError(
+            f"EarlyStopping(monitor={self.monitor!r}) cannot act: {where}{why}."
+        )
+
+    def _active(self, phase):
+        acting = self.__dict__.get("_acting")
+        if acting is not None and acting[0] == phase:
+            return acting[1]
+        return self._default_phase() == phase
+
     def on_train_begin(self, estimator, phase, history):
-        """Reset the state, then replay the records of a resumed call.
+        """Reset the state, then replay the records of a resumed call (in its phase only).
 
         Parameters
         ----------
@@ -286,8 +388,11 @@ class EarlyStopping(Callback):
             The records of this call so far.
         """
         self._check()
+        if not self._active(phase):
+            return
         self.best_, self.best_iteration_, self.wait_ = None, None, 0
         self.stopped_iteration_ = None
+        self._n_seen = 0
         for record in history:
             self._update(record)
 
@@ -295,6 +400,7 @@ class EarlyStopping(Callback):
         """Account for one record; whether patience ran out."""
         if self.monitor not in record:
             return False
+        self._n_seen = getattr(self, "_n_seen", 0) + 1
         value = record[self.monitor]
         value = math.nan if value is None else float(value)
         if self.best_ is None and not math.isnan(value):
@@ -326,8 +432,11 @@ class EarlyStopping(Callback):
         Returns
         -------
         stop : bool
-            Whether training stops after this iteration.
+            Whether training stops after this iteration (always False outside
+            its phase).
         """
+        if not self._active(phase):
+            return False
         if not hasattr(self, "wait_"):  # used without on_train_begin
             self.on_train_begin(estimator, phase, [])
         stop = self._update(record)
@@ -335,9 +444,33 @@ class EarlyStopping(Callback):
             self.stopped_iteration_ = record.get("iteration")
         return stop
 
+    def on_train_end(self, estimator, phase, history):
+        """Warn if a monitor that could not be checked in advance never appeared.
+
+        Parameters
+        ----------
+        estimator : estimator
+            The estimator being trained.
+        phase : {"fit", "meta_fit"}
+            Which call.
+        history : History
+            The records of this call.
+        """
+        unverified = self.__dict__.pop("_unverified", False)
+        if (unverified and self._active(phase) and history
+                and not getattr(self, "_n_seen", 0)):
+            columns = sorted(set().union(*(r.keys() for r in history)))
+            _warn_at_caller(
+                f"EarlyStopping(monitor={self.monitor!r}) never acted: none of the "
+                f"{len(history)} records of this {phase} had the column {self.monitor!r} "
+                f"(their columns: {columns}). Check the name, or the callback meant to "
+                "add it.",
+                UserWarning,
+            )
+
     def __repr__(self):
         return (f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience!r}, "
-                f"min_delta={self.min_delta!r}, mode={self.mode!r})")
+                f"min_delta={self.min_delta!r}, mode={self.mode!r}, phase={self.phase!r})")
 
 
 # ----------------------------------------------------------------- internals
@@ -381,7 +514,19 @@ def _resolve(callbacks, *, copy_objects=False):
     return out
 
 
-def _begin(callbacks, estimator, phase, history):
+def _begin(callbacks, estimator, phase, history, columns=None, other_columns=()):
+    """``on_train_begin`` of every callback, after checking the monitors against ``columns``.
+
+    ``columns``: the columns the estimator writes in this call (None: not
+    checked); ``other_columns``: those it writes in the other phase.
+    """
+    if columns is not None:
+        # Only another kind of callback could add a column to the records.
+        closed = all(isinstance(cb, EarlyStopping) for cb in callbacks)
+        for cb in callbacks:
+            if isinstance(cb, EarlyStopping):
+                cb._unverified = not cb._check_columns(
+                    phase, frozenset(columns), frozenset(other_columns), closed)
     for cb in callbacks:
         hook = getattr(cb, "on_train_begin", None)
         if hook is not None:

@@ -26,3 +26,24 @@ class NoMetaLearningWarning(UserWarning):
     >>> issubclass(NoMetaLearningWarning, UserWarning)
     True
     """
+
+
+def _warn_at_caller(message, category):
+    """``warnings.warn`` attributed to the user's line: the first frame outside skmetavi.
+
+    Frames of skmetavi and of scikit-learn (``_fit_context``, ``cross_validate``)
+    are skipped, so that the warning names the user's call however deep the
+    training code that raises it is.
+    """
+    import os
+    import sys
+    import warnings
+
+    import sklearn
+
+    skipped = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                    for m in (sys.modules[__name__.rpartition(".")[0]], sklearn))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -39,6 +39,20 @@ def sinusoid():
     return X, y
 
 
+def _interrupt_outer_step(monkeypatch, n):
+    """Ctrl-C inside the ``n``-th outer step from now on."""
+    step = skmetavi._bilevel.MetaTrainer.step
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(skmetavi._bilevel.MetaTrainer, "step", interrupting)
+
+
 def _without_time(history):
     return [{k: v for k, v in r.items() if k != "time"} for r in history]
 
@@ -52,7 +66,7 @@ def test_history_column_access():
     assert h[0, "loss"] == 3.0 and h[-1, ("iteration", "loss")] == (2, 2.0)
     assert isinstance(h[1:], History) and h[1:][:, "loss"] == [2.0]
     assert h[0] == {"iteration": 1, "loss": 3.0}
-    with pytest.raises(KeyError, match="No record has the column"):
+    with pytest.raises(KeyError, match="None of the 2 selected records has a column"):
         h[:, "meta_loss"]
     restored = pickle.loads(pickle.dumps(h))
     assert isinstance(restored, History) and restored == h
@@ -221,16 +235,7 @@ def test_checkpoint_resume_restores_history(mog, monkeypatch, tmp_path):
     X, groups = mog
     path = tmp_path / "meta.ckpt"
     full = MetaDivergenceVI(**MOG, max_meta_iter=8).meta_fit(X, groups=groups)
-    step = skmetavi._bilevel.MetaTrainer.step
-    calls = {"n": 0}
-
-    def interrupting(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(skmetavi._bilevel.MetaTrainer, "step", interrupting)
+    _interrupt_outer_step(monkeypatch, 6)
     est = MetaDivergenceVI(**MOG, max_meta_iter=8)
     with pytest.warns(RuntimeWarning, match="interrupted after 5 outer iterations"):
         est.meta_fit(X, groups=groups, checkpoint=path, checkpoint_every=2)
@@ -298,10 +303,44 @@ def test_blow_up_rule_is_robust_to_noise():
 
 def test_meta_fit_blow_up_warns():
     est = MetaDivergenceVI(**MOG)
+    # The divergence moved a lot: its meta-step comes first.
     with pytest.warns(ConvergenceWarning, match=r"meta_fit diverged.*from 1 at the first outer "
-                      r"iteration to 9.*Lower meta_lr \(now 0.01\)"):
-        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=False)
+                      r"iteration to 9.*\(1\) the divergence's meta-step: its parameters moved "
+                      r"by 80% \(alpha 0.5 -> 2\); lower meta_lr \(now 0.01\).*\(2\) the "
+                      r"per-task q's") as record:
+        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=False, shift=0.8,
+                               scalars=({"alpha": 0.5}, {"alpha": 2.0}))
+    assert record[0].filename == __file__
+    # The inner loss rose too: the inner step.
+    with pytest.warns(ConvergenceWarning, match=r"\(1\) the inner steps: .* rose too \(1 -> 50 "
+                      r"per support row\); lower inner_lr \(now 0.3\).*\(2\) the divergence's "
+                      r"meta-step: less likely, as its parameters moved by 1%"):
+        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=False, shift=0.01,
+                               inner_curve=[1.0, 9.0, 50.0, 50.0, 50.0], inner_lr=0.3)
+    with pytest.warns(ConvergenceWarning, match=r"\(1\) the learned initialisation's meta-step; "
+                      r"lower init_lr"):
+        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=True, shift=0.01)
+    # Nothing learnable in the divergence (KL with a learned init): it is no cause.
+    with pytest.warns(ConvergenceWarning) as record:
+        est._warn_meta_blow_up([1.0, 5.0, 9.0, 9.0, 9.0], learn_init=True, learnable=False)
+    assert "(2)" not in str(record[0].message) and "meta_lr" not in str(record[0].message)
     est._warn_meta_blow_up([1.0, 0.9, 0.5], learn_init=False)  # no warning
+
+
+def test_meta_fit_blow_up_of_persistent_qs_names_them_at_the_callers_line():
+    # Measured: the Renyi BNN's query NLL goes 1.775 -> ~2200 in 10 outer iterations while
+    # alpha moves by 4% and meta_lr=1e-6 diverges the same; the q's fit their support rows
+    # (inner loss down) and one task's query rows, outside its support range, reach NLL 2e4.
+    X, y, groups = make_sinusoid_tasks(10, 20, random_state=0)
+    est = MetaBNNRegressor(divergence="renyi", max_meta_iter=10, random_state=2)
+    with pytest.warns(ConvergenceWarning, match=r"meta_fit diverged.*\(1\) the per-task q's of "
+                      r"Algorithm 1.*inner loss went down .*likelihood='homoskedastic' avoids "
+                      r"it.*meta_lr does not help. \(2\) the divergence's meta-step: less "
+                      r"likely, as its parameters moved by \d+% \(alpha 0.5 -> 0.5") as record:
+        est.meta_fit(X, y, groups=groups)
+    assert len(record) == 1 and record[0].filename == __file__
+    inner = est._meta_state["inner_loss_curve"]
+    assert len(inner) == 10 and inner[-1] < inner[0]
 
 
 # ------------------------------------------------------------------ progress
@@ -331,3 +370,205 @@ def test_reproduce_progress_lines(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "[table9" in err and "run 1/1: work('meta_alpha', 3) ..." in err
+
+
+# ------------------------------------------------------------------ review fixes
+def test_history_missing_column_raises_for_any_selection_like_skorch():
+    h = History([{"iteration": 1, "v": 3.0}, {"iteration": 2}])
+    with pytest.raises(KeyError, match=r"The selected record has no column \['v'\]"):
+        h[-1, "v"]
+    with pytest.raises(KeyError, match=r"The selected record has no column \['v'\]"):
+        h[-1:, "v"]  # was [] while h[-1, "v"] raised
+    with pytest.raises(KeyError, match=r"None of the 0 selected records has a column \['v'\]"):
+        h[5:, "v"]
+    with pytest.raises(KeyError):
+        h[-1, ("iteration", "v")]
+    assert h[:, "v"] == [3.0] and h[:1, "v"] == [3.0] and h[-1, "iteration"] == 2
+
+
+def test_early_stop_before_the_first_validation_validates_the_stop():
+    X, groups = make_mog_tasks(6, random_state=1)
+    stop = EarlyStopping(patience=3, min_delta=1e9)
+    est = MetaDivergenceVI(**MOG, max_meta_iter=30, validation_fraction=0.3,
+                           validation_interval=10, callbacks=[stop]).meta_fit(X, groups=groups)
+    ref = MetaDivergenceVI(**MOG, max_meta_iter=4, validation_fraction=0.3,
+                           validation_interval=10).meta_fit(X, groups=groups)
+    assert est.n_meta_iter_ == 4 == stop.stopped_iteration_
+    assert list(est.validation_iterations_) == list(ref.validation_iterations_) == [4]
+    assert est.best_meta_iter_ == ref.best_meta_iter_ == 4
+    assert est.validation_choice_ == ref.validation_choice_ == "kl"
+    assert repr(est.meta_divergence_) == repr(ref.meta_divergence_) == "KL()"
+    np.testing.assert_array_equal(est.validation_scores_, ref.validation_scores_)
+    assert _without_time(est.meta_history_) == _without_time(ref.meta_history_)
+    assert est.meta_history_[-1, "validation_score"] == est.validation_scores_[-1]
+
+
+def test_failed_warm_meta_fit_leaves_the_estimator_as_it_was(mog):
+    X, groups = mog
+
+    def boom(estimator, record):
+        if record["iteration"] == 5:
+            raise RuntimeError("boom")
+
+    est = MetaDivergenceVI(**MOG, max_meta_iter=3, warm_start=True).meta_fit(X, groups=groups)
+    before = copy.deepcopy(est.__dict__)
+    est.set_params(callbacks=[boom])
+    with pytest.raises(RuntimeError, match="boom"):
+        est.meta_fit(X, groups=groups)
+    # torch's Optimizer.load_state_dict keeps the tensors it loads: they were advanced.
+    assert est._meta_state["meta_optimizer"]["state"][0]["step"] == 3
+    assert est.n_meta_iter_ == 3 and est.meta_history_ == before["meta_history_"]
+    est.set_params(callbacks=None).meta_fit(X, groups=groups)
+    clean = MetaDivergenceVI(**MOG, max_meta_iter=3, warm_start=True)
+    clean.meta_fit(X, groups=groups).meta_fit(X, groups=groups)
+    np.testing.assert_array_equal(est.meta_loss_curve_, clean.meta_loss_curve_)
+    assert est.meta_divergence_.alpha == clean.meta_divergence_.alpha
+    assert _without_time(est.meta_history_) == _without_time(clean.meta_history_)
+
+
+def test_early_stopping_monitor_is_checked_and_acts_in_its_phase(sinusoid, mog):
+    X, groups = mog
+    task = X[groups == 0]
+    with pytest.raises(ValueError, match=r"monitor='nope'\) cannot act: neither fit's"):
+        MetaBNNRegressor(**FAST_BNN, max_iter=3, callbacks=[EarlyStopping("nope")]).fit(*sinusoid)
+    with pytest.raises(ValueError, match="only with validation_fraction"):
+        MetaDivergenceVI(**MOG, max_meta_iter=3,
+                         callbacks=[EarlyStopping("validation_score")]).meta_fit(X, groups=groups)
+    with pytest.raises(ValueError, match=r"phase='meta_fit' and the records of meta_fit"):
+        MetaDivergenceVI(**MOG, max_meta_iter=3, callbacks=[
+            EarlyStopping("loss", phase="meta_fit")]).meta_fit(X, groups=groups)
+    with pytest.raises(ValueError, match=r"monitor='alpha'\) cannot act"):
+        MetaDivergenceVI(**{**MOG, "divergence": "kl"}, max_meta_iter=3, callbacks=[
+            EarlyStopping("alpha")]).meta_fit(X, groups=groups)
+    # meta_loss and alpha act in meta_fit and leave a later fit alone (every epoch runs).
+    for monitor in ("meta_loss", "alpha"):
+        stop = EarlyStopping(monitor, patience=1, min_delta=1e9)
+        est = MetaDivergenceVI(**MOG, max_meta_iter=6, callbacks=[stop])
+        est.meta_fit(X, groups=groups)
+        assert est.n_meta_iter_ == 2 == stop.stopped_iteration_
+        est.fit(task)
+        assert est.n_iter_ == MOG["max_iter"] and stop.stopped_iteration_ == 2
+    # EarlyStopping("loss") acts in fit only.
+    stop = EarlyStopping("loss", patience=1, min_delta=1e9)
+    est = MetaDivergenceVI(**MOG, max_meta_iter=3, callbacks=[stop]).meta_fit(X, groups=groups)
+    assert est.n_meta_iter_ == 3 and not hasattr(stop, "wait_")
+    assert est.fit(task).n_iter_ == 2
+
+    # A column another callback may add: checked at the end of the call.
+    def adds(estimator, record):
+        record["custom"] = -record["iteration"]
+
+    stop = EarlyStopping("custom", patience=2, phase="fit")
+    est = MetaBNNRegressor(**FAST_BNN, max_iter=10, callbacks=[adds, stop]).fit(*sinusoid)
+    assert est.n_iter_ == 10 and stop.best_ == -10
+    with pytest.warns(UserWarning, match=r"monitor='nope'\) never acted: none of the 3 "
+                      r"records of this fit") as record:
+        MetaBNNRegressor(**FAST_BNN, max_iter=3, callbacks=[
+            lambda e, r: None, EarlyStopping("nope", phase="fit")]).fit(*sinusoid)
+    assert record[0].filename == __file__
+
+
+def test_resuming_an_early_stopped_checkpoint_continues_to_max_meta_iter(mog, tmp_path):
+    X, groups = mog
+    full = MetaDivergenceVI(**MOG, max_meta_iter=8).meta_fit(X, groups=groups)
+    for callbacks in (None, [EarlyStopping(patience=50)]):
+        path = tmp_path / f"stopped{callbacks is None}.ckpt"
+        first = MetaDivergenceVI(**MOG, max_meta_iter=8, callbacks=[
+            EarlyStopping(patience=2, min_delta=1e9)]).meta_fit(X, groups=groups, checkpoint=path)
+        assert first.n_meta_iter_ == 3
+        resumed = MetaDivergenceVI(**MOG, max_meta_iter=8, callbacks=callbacks)
+        resumed.meta_fit(X, groups=groups, checkpoint=path)
+        assert resumed.n_meta_iter_ == 8
+        assert _without_time(resumed.meta_history_) == _without_time(full.meta_history_)
+        np.testing.assert_array_equal(resumed.meta_loss_curve_, full.meta_loss_curve_)
+
+
+def test_early_stopping_accepts_numpy_numbers(mog):
+    X, groups = mog
+    stop = EarlyStopping(patience=np.int64(3), min_delta=np.float64(1e9))
+    est = MetaDivergenceVI(**MOG, max_meta_iter=8, callbacks=[stop]).meta_fit(X, groups=groups)
+    assert est.n_meta_iter_ == 4
+    with pytest.raises(ValueError, match="phase must be"):
+        EarlyStopping(phase="both").on_train_begin(None, "fit", [])
+
+
+def test_stopped_tag_only_when_a_callback_cut_the_run_short(sinusoid, mog, capsys):
+    X, groups = mog
+    # A stop on the last iteration cut nothing short, in fit and meta_fit alike.
+    MetaDivergenceVI(**MOG, max_meta_iter=4, verbose=1, callbacks=[
+        EarlyStopping(patience=3, min_delta=1e9)]).meta_fit(X, groups=groups)
+    MetaBNNRegressor(**FAST_BNN, max_iter=3, verbose=1, callbacks=[
+        EarlyStopping("loss", patience=2, min_delta=1e9)]).fit(*sinusoid)
+    err = capsys.readouterr().err
+    assert "meta_fit: 4 outer iterations" in err and "fit: 3 iterations" in err
+    assert "stopped by a callback" not in err
+    MetaDivergenceVI(**MOG, max_meta_iter=6, verbose=1, callbacks=[
+        EarlyStopping(patience=3, min_delta=1e9)]).meta_fit(X, groups=groups)
+    MetaBNNRegressor(**FAST_BNN, max_iter=6, verbose=1, callbacks=[
+        EarlyStopping("loss", patience=2, min_delta=1e9)]).fit(*sinusoid)
+    assert capsys.readouterr().err.count("(stopped by a callback)") == 2
+
+
+def test_progress_lines_are_written_after_the_bar_counts_the_iteration(monkeypatch):
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, fields):
+            pass
+
+        def close(self):
+            pass
+
+    bar = Bar()
+    monkeypatch.setattr(_loop, "progress_bar", lambda total, verbose, desc: bar)
+    seen = []
+    _loop.train_loop(lambda: 1.0, 3, verbose=2, desc="fit", value_name="loss",
+                     settings=lambda: "", after_step=lambda n, v, t: seen.append((n, bar.n)))
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_a_single_callable_is_a_list_of_one(sinusoid):
+    calls = []
+
+    def stop_at_2(estimator, record):
+        calls.append(record["iteration"])
+        return record["iteration"] == 2
+
+    est = MetaBNNRegressor(**FAST_BNN, max_iter=5, callbacks=stop_at_2).fit(*sinusoid)
+    assert est.n_iter_ == 2 and calls == [1, 2]
+    est = MetaBNNRegressor(**FAST_BNN, max_iter=5,
+                           callbacks=EarlyStopping("loss", patience=1, min_delta=1e9))
+    assert est.fit(*sinusoid).n_iter_ == 2
+    assert clone(est).callbacks is not est.callbacks
+
+
+def test_bnn_reproductions_report_progress(monkeypatch, capsys):
+    from skmetavi.experiments import _bnn
+
+    monkeypatch.setattr(_bnn, "PROGRESS_SECONDS", 0.0)  # a heartbeat at every iteration
+    with _report.reporting("table4"):
+        _bnn._table4_seed(_bnn.BUDGETS["smoke"], 0)
+    err = capsys.readouterr().err
+    assert "[table4" in err
+    for name in ("meta-α", "local meta-α", "meta-f"):
+        assert f"{name} (seed 0): meta-training, 3 outer iterations ..." in err
+        assert f"{name} (seed 0): outer iteration 3/3, meta_loss " in err
+        assert f"{name} (seed 0): meta-trained in " in err
+    for name in ("VI", "VI (α=0.5)", "meta-α", "local meta-α", "meta-f"):
+        assert f"{name}: adapting 2 test tasks, 2 epochs ..." in err
+        assert f"{name}: adaptation step 20/20, loss " in err  # 10 minibatches an epoch
+        assert f"{name}: adapted and evaluated in " in err
+
+
+def test_interrupt_says_which_candidate_is_kept(monkeypatch):
+    # Ctrl-C gives control back at once: the interrupted iteration is not validated.
+    X, groups = make_mog_tasks(6, random_state=1)
+    _interrupt_outer_step(monkeypatch, 3)
+    est = MetaDivergenceVI(**MOG, max_meta_iter=30, validation_fraction=0.3,
+                           validation_interval=10)
+    with pytest.warns(RuntimeWarning, match="No meta-validation ran before the interrupt") as rec:
+        est.meta_fit(X, groups=groups)
+    assert rec[0].filename == __file__ and not hasattr(est, "validation_choice_")

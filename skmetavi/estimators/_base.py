@@ -11,6 +11,7 @@ held-out tasks in one pass, and the reproductions their test tasks.
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+import contextlib
 import copy
 import time
 import warnings
@@ -30,7 +31,7 @@ from skmetavi._optim import INNER_OPTIMIZERS, make_optimizer
 from skmetavi._tasks import TaskGenerators, pad_tasks
 from skmetavi._validation import _check_random_state, check_groups
 from skmetavi.divergences import DIVERGENCE_NAMES, Divergence, make_divergence
-from skmetavi.exceptions import NoMetaLearningWarning
+from skmetavi.exceptions import NoMetaLearningWarning, _warn_at_caller
 from skmetavi import callbacks as _callbacks
 from skmetavi.callbacks import History
 from skmetavi.estimators import _loop
@@ -43,7 +44,21 @@ from skmetavi.models import GlobalLatent
 from skmetavi._validation import _stable_repr  # noqa: F401
 
 
-_MISSING = object()
+@contextlib.contextmanager
+def _restored_on_error(estimator):
+    """Within the block, an exception restores the estimator's attributes as they were.
+
+    A shallow snapshot: attributes set or deleted in the block are put back; the
+    objects they hold must not be modified in place (the training code copies
+    what it loads, e.g. a warm start's optimiser state).
+    """
+    saved = dict(estimator.__dict__)
+    try:
+        yield
+    except BaseException:
+        estimator.__dict__.clear()
+        estimator.__dict__.update(saved)
+        raise
 
 
 def _warn_pooled_groups(estimator, groups):
@@ -103,7 +118,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
-        "callbacks": [list, tuple, None],
+        "callbacks": [list, tuple, callable, HasMethods(["on_iteration_end"]), None],
     }
 
     # ------------------------------------------------------------- hooks
@@ -242,7 +257,9 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             ``torch.load(..., weights_only=True)``.  A run killed at any point
             resumes from the last checkpoint; after ``Ctrl-C`` the file holds
             the last completed iteration (an interrupted, half-applied
-            iteration is kept in memory only).
+            iteration is kept in memory only).  A run that a callback stopped
+            early continues to ``max_meta_iter`` when resumed, unless this
+            call's callbacks stop it at the same iteration again.
         checkpoint_every : int, default=50
             Outer iterations between checkpoints.
 
@@ -264,11 +281,11 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 f"checkpoint_every must be a positive int (outer iterations between "
                 f"checkpoints), got {checkpoint_every!r}; e.g. checkpoint_every=50."
             )
-        # The target scaling meta_fit trains in (MetaBNNRegressor.normalize_y) is set while
-        # the inputs are prepared; a meta_fit that fails keeps the previous fitted state,
-        # and that scaling with it.
-        units = self.__dict__.get("_meta_y_stats", _MISSING)
-        try:
+        # A meta_fit that fails (bad data, a callback that raises) leaves the estimator as
+        # it was: the attributes set while the inputs are prepared (validation_tasks_, the
+        # target scaling of MetaBNNRegressor.normalize_y) are restored, and the previous
+        # fitted state, which a warm start reads, is only replaced at the end.
+        with _restored_on_error(self):
             X, y, labels, inputs = self._meta_fit_inputs(X, y, groups)
             fingerprint = None
             if checkpoint is not None:
@@ -282,12 +299,6 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
                 fingerprint = self._fingerprint(X, y, groups)
             return self._meta_fit(*inputs, labels, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, fingerprint=fingerprint)
-        except BaseException:
-            if units is _MISSING:
-                self.__dict__.pop("_meta_y_stats", None)
-            else:
-                self._meta_y_stats = units
-            raise
 
     def _meta_fit_inputs(self, X, y, groups):
         """Validated data and the engine's inputs of meta-training.
@@ -372,32 +383,33 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         """
         _warn_pooled_groups(self, groups)
         self._setup_torch()
-        warm = self.warm_start and hasattr(self, "variational_params_")
-        try:
-            # A warm start keeps n_features_in_: a failed call leaves the estimator as it was.
-            X, y = self._validate_task_data(X, y, reset=not warm)
-        except ValueError as exc:
-            if warm and "features, but" in str(exc):
-                raise ValueError(
-                    f"warm_start=True continues the previous fit, which saw "
-                    f"{self.n_features_in_} features: {exc} To fit data with other columns, "
-                    "set warm_start=False."
-                ) from exc
-            raise
-        rng = _check_random_state(self.random_state)
-        (state,), interrupted = self._fit_tasks([(X, y)], [rng], warm=warm, estimators=[self])
-        if warm:
-            state["loss_curve_"] = np.concatenate([self.loss_curve_, state["loss_curve_"]])
-            state["history_"] = History(list(getattr(self, "history_", [])) + state["history_"])
-        self._set_fitted(state)
-        if interrupted:
-            warnings.warn(
-                "fit interrupted; the estimator keeps the parameters of the last completed "
-                "iteration (fit with warm_start=True continues).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return self
+        # A fit that fails (bad data, a callback that raises) leaves the estimator as it was.
+        with _restored_on_error(self):
+            warm = self.warm_start and hasattr(self, "variational_params_")
+            try:
+                # A warm start keeps n_features_in_ (checked, not reset).
+                X, y = self._validate_task_data(X, y, reset=not warm)
+            except ValueError as exc:
+                if warm and "features, but" in str(exc):
+                    raise ValueError(
+                        f"warm_start=True continues the previous fit, which saw "
+                        f"{self.n_features_in_} features: {exc} To fit data with other columns, "
+                        "set warm_start=False."
+                    ) from exc
+                raise
+            rng = _check_random_state(self.random_state)
+            (state,), interrupted = self._fit_tasks([(X, y)], [rng], warm=warm, estimators=[self])
+            if warm:
+                state["loss_curve_"] = np.concatenate([self.loss_curve_, state["loss_curve_"]])
+                state["history_"] = History(list(getattr(self, "history_", [])) + state["history_"])
+            self._set_fitted(state)
+            if interrupted:
+                _warn_at_caller(
+                    "fit interrupted; the estimator keeps the parameters of the last completed "
+                    "iteration (fit with warm_start=True continues).",
+                    RuntimeWarning,
+                )
+            return self
 
     def _fit_tasks(self, data, rngs, *, warm=False, n_steps=None, estimators=None, quiet=False):
         """Adapt q to every task of ``data`` at once; one fitted state per task.
@@ -604,8 +616,10 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             batched = M > 1 or estimators[0] is not self
             callbacks = getattr(self, "callbacks", None)  # estimators pickled before callbacks
             cbs = [_callbacks._resolve(callbacks, copy_objects=batched) for _ in range(M)]
+        other = self._meta_fit_columns() if any(cbs) else ()
         for m in range(M):
-            _callbacks._begin(cbs[m], estimators[m], "fit", History())
+            _callbacks._begin(cbs[m], estimators[m], "fit", History(),
+                              columns=_callbacks.COLUMNS["fit"], other_columns=other)
         bounds = []
         verbose = 0 if quiet else self.verbose
         n_steps = int(budget.max()) if M else 0
@@ -662,6 +676,22 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             self._warn_blow_up(curves, run.optimizer)
         return curves, histories, result.interrupted
 
+    def _meta_fit_columns(self, divergence=None, validation=True):
+        """The columns of ``meta_fit``'s records (with this ``divergence``'s learned scalars).
+
+        ``divergence``: the one meta-trained (default: the ``divergence``
+        parameter, every parameter learnable, as ``meta_fit`` makes it);
+        ``validation``: whether meta-validation runs.
+        """
+        if divergence is None:
+            try:
+                divergence = copy.deepcopy(self._resolve_divergence()).requires_grad_(True)
+            except TypeError:  # fit reports a bad divergence itself
+                divergence = None
+        scalars = _loop.divergence_scalars(divergence) if divergence is not None else {}
+        return (*_callbacks.COLUMNS["meta_fit"], *scalars,
+                *(_callbacks.VALIDATION_COLUMNS if validation else ()))
+
     def _warn_blow_up(self, curves, optimizer):
         """``ConvergenceWarning`` for the tasks whose loss ended far above where it started."""
         bad = [(m, found) for m, found in enumerate(map(_loop.blow_up, curves)) if found]
@@ -673,13 +703,12 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         advice = (f"lower inner_lr (now {optimizer.lr:g}"
                   + ("; 'auto' is 0.01 for Adam)" if optimizer.name == "adam"
                      else ") or use inner_optimizer='adam'"))
-        warnings.warn(
+        _warn_at_caller(
             f"fit diverged: {who} went from {first:.4g} at the first iteration to {end:.4g}, "
             f"the median of the last {_loop.END_FRACTION:.0%} of the iterations. The fitted q "
             f"is unreliable (predictions may be meaningless); the inner step size is likely "
             f"too large: {advice}.",
             ConvergenceWarning,
-            stacklevel=6,  # fit's caller
         )
 
     def _set_fitted(self, state):

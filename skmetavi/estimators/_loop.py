@@ -74,20 +74,28 @@ def divergence_scalars(divergence):
     return out
 
 
-def blow_up(curve):
-    """``(first, end)`` if the loss ``curve`` ended far above its first value, else None.
+def trend(curve):
+    """``(first, end)`` of the finite values of ``curve``, None under ``BLOW_UP_MIN_POINTS``.
 
     ``end`` is the median of the last ``END_FRACTION`` of the finite values (at
-    least one), which Monte Carlo noise barely moves; ``first`` is the loss of the
-    starting point.  Needs ``BLOW_UP_MIN_POINTS`` finite values.
+    least one), which Monte Carlo noise barely moves; ``first`` is the first.
     """
     values = [float(v) for v in curve if v is not None and math.isfinite(v)]
     if len(values) < BLOW_UP_MIN_POINTS:
         return None
-    first = values[0]
     end = statistics.median(values[-max(1, math.ceil(END_FRACTION * len(values))):])
-    if end - first > BLOW_UP_FACTOR * max(abs(first), 1.0):
-        return first, end
+    return values[0], end
+
+
+def blow_up(curve):
+    """``(first, end)`` of :func:`trend` if the loss ``curve`` ended far above its first value.
+
+    ``first`` is the loss of the starting point; None if the curve did not blow
+    up or is too short to judge.
+    """
+    found = trend(curve)
+    if found is not None and found[1] - found[0] > BLOW_UP_FACTOR * max(abs(found[0]), 1.0):
+        return found
     return None
 
 
@@ -157,9 +165,11 @@ def train_loop(step, n_steps, *, verbose, desc, value_name, settings, after_step
             value = step()
             result.in_step = False
             result.n_done += 1
+            if bar is not None:
+                # The bar counts the iteration before after_step writes its lines beside it.
+                bar.update(1)
             stop = bool(after_step(result.n_done, value, started)) if after_step else False
             if bar is not None:
-                bar.update(1)
                 fields = {value_name: fmt(value)}
                 if postfix is not None:
                     fields.update(postfix())

@@ -13,9 +13,9 @@ shared training loop (progress bar, Ctrl-C, checkpoints).
 import copy
 import hashlib
 import time
-import warnings
 
 import numpy as np
+import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from skmetavi import _checkpoint, _tree
@@ -26,8 +26,14 @@ from skmetavi._validation import _hash_arrays, _stable_repr
 from skmetavi.callbacks import History
 from skmetavi.estimators import _loop
 from skmetavi.estimators._loop import train_loop
+from skmetavi.exceptions import _warn_at_caller
 
 META_LOSS_NAMES = ("auto", "d_half", "tv", "nll")
+#: A divergence whose parameter vector moved by more than this (relative) over a meta_fit
+#: that diverged is named as the first cause; below it, the per-task q's (Algorithm 1).
+#: Measured: the Renyi BNN of 10 sinusoid tasks whose query NLL blows up through its q's
+#: moves raw_alpha by 11% (alpha 0.5 -> 0.52); meta_lr=1e-6 blows up the same.
+SHIFT_LARGE = 0.25
 
 
 class MetaFitMixin:
@@ -189,13 +195,16 @@ class MetaFitMixin:
         if warm:
             self._load_meta_state(trainer, labels)
             if validation is not None and self._meta_state.get("validation") is not None:
-                validation.load_state_dict(self._meta_state["validation"], trainer.divergence)
+                validation.load_state_dict(copy.deepcopy(self._meta_state["validation"]),
+                                           trainer.divergence)
         # This call runs until outer iteration `target` (warm_start adds max_meta_iter).
         target = trainer.n_iter + self.max_meta_iter
         # One record per outer iteration, 1..n_iter (a warm start continues the previous
         # meta_fit's); the records of this call start at index `call_start`.
         history = History(getattr(self, "meta_history_", ())) if warm else History()
         call_start = trainer.n_iter
+        # Whether a callback ended the run before `target` (after its last record).
+        stopped = False
         if checkpoint is not None:
             start = _checkpoint.load(checkpoint, fingerprint)
             if start is not None and warm and start["n_iter"] <= trainer.n_iter:
@@ -211,38 +220,63 @@ class MetaFitMixin:
                         "over, or pass another checkpoint path."
                     ) from exc
                 target = start.get("target_iter", target)
+                stopped = bool(start.get("stopped", False))
                 if validation is not None and start.get("validation") is not None:
                     validation.load_state_dict(start["validation"], trainer.divergence)
                 history = History(start.get("history", ()))
                 call_start = start.get("call_start", 0)
         history = _reconcile_history(history, trainer)
         callbacks = _callbacks._resolve(getattr(self, "callbacks", None))
-        _callbacks._begin(callbacks, self, "meta_fit", history[call_start:])
+        columns = dict(columns=self._meta_fit_columns(trainer.divergence, validation is not None),
+                       other_columns=_callbacks.COLUMNS["fit"])
+        own = history[call_start:]
+        if stopped and own:
+            # A callback ended the checkpointed run after its last record; the early stop is
+            # no property of the run's target: this call's callbacks see the records up to
+            # it as an uninterrupted run would, decide again on it, and unless they stop
+            # there too the run continues to max_meta_iter.
+            _callbacks._begin(callbacks, self, "meta_fit", own[:-1], **columns)
+            stopped = _callbacks._iteration_end(callbacks, self, "meta_fit", own[-1])
+        else:
+            _callbacks._begin(callbacks, self, "meta_fit", own, **columns)
         verbose = self.verbose
         scalars_before = _loop.divergence_scalars(trainer.divergence)
+        eta_before = _flat(trainer.eta)
 
         def save():
-            state = {**trainer.state_dict(), "target_iter": target,
+            state = {**trainer.state_dict(), "target_iter": target, "stopped": stopped,
                      "history": [dict(r) for r in history], "call_start": call_start}
             if validation is not None:
                 state["validation"] = validation.state_dict()
             _checkpoint.save(checkpoint, state, fingerprint)
 
+        def validate(record):
+            scores = validation.evaluate(trainer)
+            seconds = record.pop("time", None)
+            record["validation_score"], record["validation_kl_score"] = scores
+            if seconds is not None:
+                record["time"] = seconds
+            return scores
+
         def after_step(n_done, value, started):
-            nonlocal target
-            scores = None
-            if validation is not None and validation.due(trainer.n_iter, trainer.n_iter == target):
-                scores = validation.evaluate(trainer)
+            nonlocal stopped
             record = {"iteration": trainer.n_iter, "meta_loss": float(value),
                       **_loop.divergence_scalars(trainer.divergence)}
-            if scores is not None:
-                record["validation_score"], record["validation_kl_score"] = scores
+            validated = validation is not None and validation.due(trainer.n_iter,
+                                                                  trainer.n_iter == target)
+            if validated:
+                validate(record)
             record["time"] = time.perf_counter() - started
             history.append(record)
             stop = _callbacks._iteration_end(callbacks, self, "meta_fit", record)
-            if stop:
-                target = trainer.n_iter  # a resumed checkpoint ends here too
-            if verbose >= 2 and scores is not None:
+            if stop and trainer.n_iter < target:
+                stopped = True
+                if validation is not None and not validated:
+                    # The run ends here: its last iteration is validated, as at target.
+                    validate(record)
+                    validated = True
+                    record["time"] = time.perf_counter() - started
+            if verbose >= 2 and validated:
                 _loop.write(_record_line(record, validation.best))
             if checkpoint is not None and trainer.n_iter % checkpoint_every == 0:
                 save()
@@ -267,7 +301,7 @@ class MetaFitMixin:
                 line += (f", best validation score {_loop.fmt(best['score'])} ({best['kind']}, "
                          f"iteration {best['iteration']})")
             line += f", {result.seconds:.3g} s"
-            if result.stopped:
+            if stopped:
                 line += " (stopped by a callback)"
             if result.interrupted:
                 line += " (interrupted)"
@@ -285,7 +319,7 @@ class MetaFitMixin:
         # through: it is kept in memory but never written to the checkpoint, so that
         # resuming stays exact.
         result = train_loop(
-            trainer.step, max(0, target - trainer.n_iter), verbose=verbose,
+            trainer.step, 0 if stopped else max(0, target - trainer.n_iter), verbose=verbose,
             desc="meta_fit", value_name="meta_loss", after_step=after_step,
             settings=settings, postfix=postfix, summary=summary,
         )
@@ -302,37 +336,95 @@ class MetaFitMixin:
                 if checkpoint is not None and result.in_step
                 else ""
             )
-            warnings.warn(
+            kept = ""
+            if validation is not None:
+                # No validation after Ctrl-C: the user asked for control back now.
+                kept = (" No meta-validation ran before the interrupt: the kept divergence is "
+                        "the last iteration's, unvalidated." if validation.best is None else
+                        f" The interrupted iteration was not validated: the kept candidate is "
+                        f"the best validated one (iteration {validation.best['iteration']}).")
+            _warn_at_caller(
                 f"meta_fit interrupted after {trainer.n_iter} outer iterations; the estimator "
                 f"keeps the progress so far ({where}meta_fit with warm_start=True continues "
-                "from it).",
+                f"from it).{kept}",
                 RuntimeWarning,
-                stacklevel=3,
             )
         else:
-            self._warn_meta_blow_up(trainer.loss_curve[call_start:], trainer.learn_init)
+            self._warn_meta_blow_up(
+                trainer.loss_curve[call_start:], trainer.learn_init,
+                inner_curve=trainer.inner_loss_curve[call_start:],
+                shift=_relative_shift(eta_before, _flat(trainer.eta)),
+                scalars=(scalars_before, _loop.divergence_scalars(trainer.divergence)),
+                inner_lr=trainer.inner_optimizer.lr, learnable=bool(trainer.eta),
+            )
         return self
 
-    def _warn_meta_blow_up(self, curve, learn_init):
-        """``ConvergenceWarning`` when this call's meta-loss ended far above where it started."""
+    def _meta_blow_up_hint(self):
+        """A model-specific sentence for the divergence warning of Algorithm 1 (none here)."""
+        return ""
+
+    def _warn_meta_blow_up(self, curve, learn_init, *, inner_curve=(), shift=None,
+                           scalars=({}, {}), inner_lr=None, learnable=True):
+        """``ConvergenceWarning`` when this call's meta-loss ended far above where it started.
+
+        The advice names the likely causes, most likely first, from what the run
+        shows: how far the divergence's parameters moved (``shift``: relative
+        change of their vector; ``scalars``: their named values before and after)
+        and whether the inner loss on the support rows (``inner_curve``) fell
+        while the meta-loss on the query rows rose.  Without ``learnable``
+        parameters the divergence is no cause.
+        """
         found = _loop.blow_up(curve)
         if found is None:
             return
         first, end = found
-        rates = f"meta_lr (now {self.meta_lr:g})"
-        if learn_init:
-            rates += f" and init_lr (now {self.init_lr:g})"
         clip = ("" if self.max_grad_norm is not None
                 else " or clip the meta-gradients (max_grad_norm=1.0)")
-        warnings.warn(
-            f"meta_fit diverged (the meta-loss went from {first:.4g} at the first outer "
+        named = ", ".join(f"{k} {_loop.fmt(v)} -> {_loop.fmt(scalars[1].get(k))}"
+                          for k, v in scalars[0].items())
+        moved = "" if shift is None else (
+            f"its parameters moved by {shift:.0%}" + (f" ({named})" if named else ""))
+        large = shift is None or shift > SHIFT_LARGE
+
+        def divergence_cause(first_cause):
+            why = moved if first_cause or not moved else f"less likely, as {moved}"
+            return (f"the divergence's meta-step{': ' + why if why else ''}; lower meta_lr "
+                    f"(now {self.meta_lr:g}){clip}")
+
+        lr = "" if inner_lr is None else f" (now {inner_lr:g})"
+        inner = None if learn_init else _loop.trend(inner_curve)
+        if learn_init:
+            # Every task restarts from the learned initialisation: no q persists.
+            q_cause = ("the learned initialisation's meta-step; lower init_lr (now "
+                       f"{self.init_lr:g})")
+        elif inner is not None and inner[1] > inner[0]:
+            q_cause = (f"the inner steps: the per-task q's own inner loss rose too "
+                       f"({inner[0]:.4g} -> {inner[1]:.4g} per support row); lower inner_lr{lr}")
+        else:
+            fell = ("" if inner is None else
+                    f", and their inner loss went down ({inner[0]:.4g} -> {inner[1]:.4g} per "
+                    "support row) while the meta-loss on the query rows rose")
+            q_cause = (
+                "the per-task q's of Algorithm 1: they persist across outer iterations and "
+                f"take more inner steps on the same support rows each time{fell}, i.e. they "
+                "fit their support rows and predict their query rows ever worse (an "
+                "over-confident predictive, e.g. on query rows outside the support rows' "
+                f"range). {self._meta_blow_up_hint()}More support rows per task (a smaller "
+                "query_fraction, more rows) or meta_learn_init=True avoid it; "
+                "validation_fraction keeps the best validated candidate and "
+                f"EarlyStopping('meta_loss') stops earlier; a smaller inner_lr{lr} only "
+                "delays it, and meta_lr does not help"
+            )
+        causes = ([divergence_cause(True), q_cause] if large
+                  else [q_cause, divergence_cause(False)])
+        if not learnable:
+            causes = [q_cause]
+        listed = " ".join(f"({i}) {c}." for i, c in enumerate(causes, start=1))
+        _warn_at_caller(
+            f"meta_fit diverged: the meta-loss went from {first:.4g} at the first outer "
             f"iteration to {end:.4g}, the median of the last {_loop.END_FRACTION:.0%} of the "
-            f"outer iterations): the meta-learned divergence"
-            f"{' and initialisation' if learn_init else ''} may be worse than where they "
-            f"started. Lower {rates}{clip}, or use validation_fraction to keep the best "
-            "validated candidate.",
+            f"outer iterations. Likely causes, most likely first: {listed}",
             ConvergenceWarning,
-            stacklevel=4,
         )
 
     # ---------------------------------------------------------- state
@@ -396,13 +488,29 @@ class MetaFitMixin:
                 "groups, or set warm_start=False."
             )
         try:
-            trainer.load_state_dict(state)
+            # A copy: torch optimisers keep references to the tensors they load, and a
+            # failed call must leave the stored state as it was.
+            trainer.load_state_dict(copy.deepcopy(state))
         except (RuntimeError, KeyError, IndexError) as exc:
             raise ValueError(
                 "warm_start=True but the previous meta_fit state does not match the new "
                 f"training tasks or settings ({exc}). Use the same X and groups, or set "
                 "warm_start=False."
             ) from exc
+
+
+def _flat(parameters):
+    """The parameters as one detached CPU vector (None if there are none)."""
+    parameters = [p.detach().reshape(-1).cpu() for p in parameters]
+    return torch.cat(parameters) if parameters else None
+
+
+def _relative_shift(before, after):
+    """``|after - before| / max(|before|, 1e-3)``, None without parameters."""
+    if before is None or after is None:
+        return None
+    scale = max(float(before.norm()), 1e-3)
+    return float((after - before).norm()) / scale
 
 
 def _reconcile_history(history, trainer):

@@ -202,12 +202,13 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         every tenth of a fit, and the settings in the summary.
     warm_start : bool, default=False
         Continue from the previous :meth:`fit` (or :meth:`meta_fit`).
-    callbacks : list of callable or Callback, default=None
+    callbacks : list, callable or Callback, default=None
         Called after each iteration of :meth:`fit` and :meth:`meta_fit`:
         ``fn(estimator, record) -> bool or None`` with that iteration's record
         (the row appended to ``history_`` or ``meta_history_``), True to stop
         training after it; or :class:`skmetavi.callbacks.Callback` objects
-        such as :class:`~skmetavi.callbacks.EarlyStopping`.
+        such as :class:`~skmetavi.callbacks.EarlyStopping` (one alone is a
+        list of one).
 
     Attributes
     ----------
@@ -223,7 +224,8 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         inner step of :meth:`fit`.
     history_ : skmetavi.callbacks.History
         One record per inner step of :meth:`fit` (``iteration``, ``loss``,
-        ``time`` in seconds), ``history_[:, "loss"]`` equal to ``loss_curve_``;
+        ``time``: that iteration's wall-clock seconds, not cumulative),
+        ``history_[:, "loss"]`` equal to ``loss_curve_``;
         warm-started fits append to it.
     n_iter_ : int
         Inner steps of the last :meth:`fit`.
@@ -242,7 +244,8 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
     meta_history_ : skmetavi.callbacks.History
         One record per outer iteration of :meth:`meta_fit` (``iteration``,
         ``meta_loss``, the divergence's learned scalars such as ``alpha``,
-        ``time``, and ``validation_score`` / ``validation_kl_score`` where
+        ``time``: that iteration's wall-clock seconds, its meta-validation
+        included, and ``validation_score`` / ``validation_kl_score`` where
         meta-validation ran); warm-started calls append to it.
     n_meta_iter_ : int
         Outer iterations run in total.

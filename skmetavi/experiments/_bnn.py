@@ -19,7 +19,7 @@ from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.divergences import KL, LocalRenyi, NeuralF, Renyi
 from skmetavi.estimators import MetaBNNRegressor
 from skmetavi.experiments._mog import _parallel
-from skmetavi.experiments._report import Row
+from skmetavi.experiments._report import Row, progress
 
 BUDGETS = {
     "quick": dict(
@@ -47,6 +47,29 @@ T4 = dict(n_train_points=1000, batch_size=100, meta_lr=0.01, n_tasks_per_batch=8
 T5 = dict(n_train_points=40, n_query_points=40, n_inner_steps=5, meta_lr=0.01, init_lr=0.01,
           n_tasks_per_batch=8)
 N_PREDICT = 100
+#: Seconds between the progress lines of a long meta-training or adaptation.
+PROGRESS_SECONDS = 30.0
+
+
+class _Heartbeat:
+    """A ``callbacks`` entry: a progress line at most every ``PROGRESS_SECONDS``.
+
+    A plain callable (no ``on_iteration_end``), so that the tasks of a batched
+    adaptation share it (one line for all of them, not one per task); it
+    pickles, for the worker processes of :func:`~skmetavi.experiments._mog._parallel`.
+    """
+
+    def __init__(self, label, step, total, column):
+        self.label, self.step, self.total, self.column = label, step, total, column
+        self.last = time.perf_counter()
+
+    def __call__(self, estimator, record):
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            progress(f"{self.label}: {self.step} {record['iteration']}/{self.total}, "
+                     f"{self.column} {record[self.column]:.4g}")
+        return None
 
 
 def _test_tasks(budget, seed, n_train_points):
@@ -58,7 +81,7 @@ def _test_tasks(budget, seed, n_train_points):
             Xs[:, n_train_points:], ys[:, n_train_points:])
 
 
-def adapt_and_evaluate(source, Xa, ya, Xb, yb, *, epochs, batch_size, seed):
+def adapt_and_evaluate(source, Xa, ya, Xb, yb, *, epochs, batch_size, seed, name=None):
     """Fit q on every test task's adaptation rows at once; return per-task LL, RMSE, bands.
 
     ``source`` is a divergence (fresh q's) or a meta-trained
@@ -67,14 +90,20 @@ def adapt_and_evaluate(source, Xa, ya, Xb, yb, *, epochs, batch_size, seed):
     seed ``seed * 1000 + m`` for every method (common random numbers).  The
     metrics are in per-task standardised units (the adaptation rows' mean and
     std), whatever scaling the estimator fits in (``normalize_y``: per task,
-    or the meta-training population's for a learned initialisation).
+    or the meta-training population's for a learned initialisation).  ``name``
+    labels the progress lines.
     """
-    settings = dict(max_iter=epochs, batch_size=batch_size, n_predict_samples=N_PREDICT)
+    M = Xa.shape[0]
+    n_steps = epochs * (1 if batch_size is None else -(-Xa.shape[1] // batch_size))
+    label = name or "adaptation"
+    progress(f"{label}: adapting {M} test tasks, {epochs} epochs ...")
+    t0 = time.perf_counter()
+    settings = dict(max_iter=epochs, batch_size=batch_size, n_predict_samples=N_PREDICT,
+                    callbacks=[_Heartbeat(label, "adaptation step", n_steps, "loss")])
     if isinstance(source, MetaBNNRegressor):
         est = copy.deepcopy(source).set_params(**settings)
     else:
         est = MetaBNNRegressor(source, **MODEL, **TRAIN, random_state=seed, **settings)
-    M = Xa.shape[0]
     copies = est._adapted_copies([(Xa[m], ya[m]) for m in range(M)],
                                  random_states=[seed * 1000 + m for m in range(M)])
     sd = ya.std(1)
@@ -82,10 +111,12 @@ def adapt_and_evaluate(source, Xa, ya, Xb, yb, *, epochs, batch_size, seed):
                    for m, c in enumerate(copies)])
     rmse = np.array([np.sqrt(np.mean((c.predict(Xb[m]) - yb[m]) ** 2)) / sd[m]
                      for m, c in enumerate(copies)])
+    progress(f"{label}: adapted and evaluated in {time.perf_counter() - t0:.0f} s, test LL "
+             f"{ll.mean():.3f}")
     return {"ll": ll, "rmse": rmse, "band": copies[0].predict(Xb[0], return_std=True)}
 
 
-def _meta_train(kind, budget, seed, learn_init):
+def _meta_train(kind, budget, seed, learn_init, name=None):
     cfg = T5 if learn_init else T4
     if learn_init:
         n_points = cfg["n_train_points"] + cfg["n_query_points"]
@@ -99,13 +130,20 @@ def _meta_train(kind, budget, seed, learn_init):
         extra = dict(batch_size=cfg["batch_size"], max_meta_iter=budget["meta_iter"])
     div = {"meta_alpha": Renyi(1.0), "local_alpha": LocalRenyi(1.0), "meta_f": NeuralF((16,)),
            "vi": KL()}[kind]
+    label = f"{name or kind} (seed {seed})"
+    progress(f"{label}: meta-training, {extra['max_meta_iter']} outer iterations ...")
     t0 = time.perf_counter()
     est = MetaBNNRegressor(
         div, **MODEL, **(TRAIN_ALG2 if learn_init else TRAIN), meta_lr=cfg["meta_lr"],
-        n_tasks_per_batch=cfg["n_tasks_per_batch"],
-        random_state=seed, **extra,
+        n_tasks_per_batch=cfg["n_tasks_per_batch"], random_state=seed,
+        callbacks=[_Heartbeat(label, "outer iteration", extra["max_meta_iter"], "meta_loss")],
+        **extra,
     ).meta_fit(X, y, groups=g)
-    return est, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    alpha = getattr(est.meta_divergence_, "alpha", None)
+    progress(f"{label}: meta-trained in {seconds:.0f} s, meta_loss "
+             f"{est.meta_loss_curve_[-1]:.4g}" + ("" if alpha is None else f", alpha {alpha:.3f}"))
+    return est.set_params(callbacks=None), seconds
 
 
 def _table4_seed(budget, seed):
@@ -114,12 +152,12 @@ def _table4_seed(budget, seed):
     info = {}
     for name, kind in (("meta-α", "meta_alpha"), ("local meta-α", "local_alpha"),
                        ("meta-f", "meta_f")):
-        est, secs = _meta_train(kind, budget, seed, learn_init=False)
+        est, secs = _meta_train(kind, budget, seed, learn_init=False, name=name)
         methods[name] = est
         info[name] = {"seconds": secs, "alpha": getattr(est.meta_divergence_, "alpha", None)}
     results = {
         name: adapt_and_evaluate(source, *data, epochs=budget["t4_epochs"],
-                                 batch_size=T4["batch_size"], seed=seed)
+                                 batch_size=T4["batch_size"], seed=seed, name=name)
         for name, source in methods.items()
     }
     return results, info, data
@@ -151,18 +189,18 @@ def _table5_seed(budget, seed):
     info = {}
     for name, kind in (("VI&φ", "vi"), ("meta-α&φ", "meta_alpha"),
                        ("local meta-α&φ", "local_alpha"), ("meta-f&φ", "meta_f")):
-        est, secs = _meta_train(kind, budget, seed, learn_init=True)
+        est, secs = _meta_train(kind, budget, seed, learn_init=True, name=name)
         runs[name] = est
         info[name] = {"seconds": secs, "alpha": getattr(est.meta_divergence_, "alpha", None)}
     results = {
         name: adapt_and_evaluate(source, *data, epochs=budget["t5_epochs"], batch_size=None,
-                                 seed=seed)
+                                 seed=seed, name=name)
         for name, source in runs.items()
     }
     # Also at the meta-training horizon (B inner steps), where Algorithm 2 optimised J.
     short = {
         name: adapt_and_evaluate(source, *data, epochs=T5["n_inner_steps"], batch_size=None,
-                                 seed=seed)
+                                 seed=seed, name=f"{name} @{T5['n_inner_steps']} steps")
         for name, source in runs.items()
     }
     info["short"] = short
