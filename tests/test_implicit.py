@@ -127,7 +127,9 @@ def test_implicit_gradient_matches_a_dense_solve_on_a_bnn(divergence):
         eta = div.skip.weight
     else:
         eta = div.raw_alpha
-    opt, K = SGD(2e-3), 8
+    # 2e-3 is at the edge of SGD's stability for the neural f (curvature ~1e3): on some CPUs
+    # the 300 inner steps diverge (|phi| ~ 1e8) and there is no fixed point to differentiate.
+    opt, K = SGD(1.5e-3), 8
     J, phi_B, _, ok, residual = implicit_meta_gradient(
         model, div, opt, PredictiveNLL(K), params, opt.init(params), support, query,
         n_steps=300, n_particles=K, inner_noise=_noise(INNER_SEED),
