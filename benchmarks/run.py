@@ -2,11 +2,18 @@
 
 Usage::
 
-    python benchmarks/run.py --json OUT.json            # benchmarks 1-4
+    python benchmarks/run.py --json OUT.json            # benchmarks 1-4 and 6
     python benchmarks/run.py --json OUT.json --reproduce  # also 5 (long)
+    python benchmarks/run.py --only peers --json OUT.json  # benchmark 1 alone
+    python benchmarks/run.py --only ours                # our step alone (``measure_ours``)
 
-1. one Rényi inner VI step on the 1-50-50-1 BNN (N=1000, K=10) vs Pyro's
-   ``RenyiELBO`` SVI step on the same model (needs ``pip install -e .[bench]``);
+1. one Rényi inner VI step (alpha = 0.5) on the 1-50-50-1 BNN (K=10, Adam 1e-3,
+   float32, learned noise) at N=1000 and N=40, side by side with: Pyro as a user
+   writes it (``PyroModule`` layers, ``AutoNormal``), Pyro with a lean model,
+   NumPyro (a jitted ``svi.update`` per step, and 10 steps per jitted
+   ``fori_loop``), a hand-written eager torch step and the same step with
+   ``torch.compile`` (peers need ``pip install -e .[bench]``; a missing one is
+   skipped with a note);
 2. one meta-iteration, M=16 tasks, B=5: batched engine vs a per-task loop,
    at N=40 and N=1000;
 3. peak memory of one meta-gradient for B in {1, 10, 100} per meta-gradient
@@ -60,11 +67,15 @@ def _median_time(fn, n_rep, n_warmup=3):
     return statistics.median(times)
 
 
-def _bnn_run(n_tasks, n_points, seed=0, **model):
-    """A ready batched VI run (the estimators' adaptation path) on standardised sinusoids."""
+def _bnn_run(n_tasks, n_points, seed=0, compile=False, **model):
+    """A ready batched VI run (the estimators' adaptation path) on standardised sinusoids.
+
+    ``compile=True``: the estimators' ``compile`` option (one ``torch.compile`` graph per step).
+    """
     X, y, g = make_sinusoid_tasks(n_tasks, n_points, random_state=seed)
     y = (y - y.mean()) / y.std()
-    est = MetaBNNRegressor(Renyi(0.5, learnable=False), **(model or BNN2), **SETTINGS)
+    est = MetaBNNRegressor(Renyi(0.5, learnable=False), **(model or BNN2), **SETTINGS,
+                           compile=compile)
     est._setup_torch()
     data = [(X[g == i], y[g == i]) for i in range(n_tasks)]
     rngs = [np.random.RandomState(seed + i) for i in range(n_tasks)]
@@ -73,47 +84,398 @@ def _bnn_run(n_tasks, n_points, seed=0, **model):
 
 
 # ------------------------------------------------------------------- 1
-def bench_pyro(n_rep=50):
-    """Our Rényi step (K=10, Adam) vs Pyro RenyiELBO + SVI + Adam on the same 1-50-50-1 BNN."""
-    est, run, (X, y, _) = _bnn_run(1, 1000)
-    t_ours = _median_time(run.step, n_rep)
-    out = {"ours_ms": 1e3 * t_ours}
+#: The contenders of benchmark 1 besides our own step, in the JSON's key order.
+PEERS = ("ours_compiled", "pyro_typical", "pyro_lean", "numpyro_jit", "numpyro_fori",
+         "torch_eager", "torch_compiled")
+ALPHA, K_PARTICLES, LR = 0.5, 10, 1e-3
+#: JAX on the CPU, one device, float32 (set before jax is imported, unless already set). XLA's
+#: CPU pool takes every core the process may use (``intra_op_parallelism_threads`` is not honoured
+#: by jaxlib 0.10), as torch's intra-op pool does by default: on a machine with more cores than
+#: torch's threads, pin the whole run (``taskset -c 0,1 python benchmarks/run.py ...``).
+JAX_ENV = {"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "0",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true "
+                        "--xla_force_host_platform_device_count=1"}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class _Skip(Exception):
+    """A contender that cannot run here (not installed, failed to compile): a note, not a crash."""
+
+
+def measure_ours(n_points, n_rep=50):
+    """Milliseconds of our Rényi step (K=10, Adam, float32) on the 1-50-50-1 BNN, N points.
+
+    Our step is the estimators' own adaptation path (``MetaBNNRegressor._adaptation``'s
+    batched VI run), so that a change of the engine shows here unchanged.
+    """
+    _, run, _ = _bnn_run(1, n_points)
+    return 1e3 * _median_time(run.step, n_rep)
+
+
+def _bnn_problem(n_points):
+    """Our ready run, and what every contender shares: the rows, sizes and starting q."""
+    est, run, _ = _bnn_run(1, n_points)
+    target = est._make_target()
+    X = run.tasks.X[0].detach().clone()  # exactly the rows our step sees, (N, 1)
+    y = run.tasks.y[0].detach().clone()  # standardised, (N,)
+    shapes = target.layer_shapes(X.shape[-1])
+    p0 = {k: v[0].detach().clone() for k, v in run.params.items()}
+    return dict(est=est, run=run, target=target, X=X, y=y, shapes=shapes,
+                sizes=[s for i, o in shapes for s in (i * o, o)], D=p0["loc"].numel(),
+                loc0=p0["loc"], raw0=p0["scale_raw"], log_noise0=p0["log_noise"].reshape(()))
+
+
+def _hand_loss(prob):
+    """The hand-written Rényi surrogate: flat weights, reparameterised particles, eq. (4)."""
+    X, y, shapes, sizes, D = prob["X"], prob["y"], prob["shapes"], prob["sizes"], prob["D"]
+    n = X.shape[0]
+    one_minus_alpha = 1.0 - ALPHA
+
+    def loss_fn(loc, raw, log_noise, eps):
+        scale = torch.nn.functional.softplus(raw) + 1e-6
+        z = loc + scale * eps  # (K, D)
+        pieces = z.split(sizes, -1)
+        h = X.expand(eps.shape[0], n, X.shape[-1])
+        for li, (i, o) in enumerate(shapes):
+            h = torch.baddbmm(pieces[2 * li + 1].unsqueeze(1), h,
+                              pieces[2 * li].reshape(-1, i, o))
+            if li < len(shapes) - 1:
+                h = torch.relu(h)
+        mean = h.squeeze(-1)  # (K, N)
+        sigma = torch.nn.functional.softplus(log_noise) + 1e-3
+        log_lik = (-0.5 * ((y - mean) / sigma) ** 2).sum(-1) - n * (torch.log(sigma)
+                                                                    + 0.5 * _LOG_2PI)
+        log_prior = -0.5 * (z * z).sum(-1) - 0.5 * D * _LOG_2PI
+        # log q(z(eps)) = log N(eps) - sum log scale: the same function of (loc, raw).
+        log_q = -0.5 * (eps * eps).sum(-1) - torch.log(scale).sum() - 0.5 * D * _LOG_2PI
+        log_w = log_lik + log_prior - log_q  # (K,)
+        w = torch.softmax(one_minus_alpha * log_w.detach(), -1)
+        return -(w * log_w).sum()
+
+    return loss_fn
+
+
+def _torch_step(prob, compiled=False):
+    """A hand-written eager torch step (``torch.optim.Adam``); forward+backward compiled or not."""
+    loss_fn = _hand_loss(prob)
+    if compiled:
+        loss_fn = torch.compile(loss_fn, dynamic=False)
+    loc = prob["loc0"].clone().requires_grad_(True)
+    raw = prob["raw0"].clone().requires_grad_(True)
+    log_noise = prob["log_noise0"].clone().requires_grad_(True)
+    opt = torch.optim.Adam([loc, raw, log_noise], lr=LR)
+    gen = torch.Generator().manual_seed(0)
+    shape = (K_PARTICLES, prob["D"])
+
+    def step():
+        eps = torch.randn(shape, generator=gen, dtype=loc.dtype)
+        loss = loss_fn(loc, raw, log_noise, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def check_torch_gradient(n_points):
+    """Max relative error between the hand-written step's gradient and our step's direction.
+
+    Our step's direction is read back from its first Adam step (``m = (1 - beta1) g``
+    from a fresh state) and the hand-written gradient is taken at the same starting q
+    with the same ``eps`` (the run's generator replayed).
+    """
+    prob = _bnn_problem(n_points)
+    run = prob["run"]
+    state = run.generator.get_state()
+    run.step()
+    beta1 = run.optimizer.betas[0]
+    ours = {k: -run.state["m"][k][0].reshape(-1) / (1 - beta1)  # ascent -> loss gradient
+            for k in ("loc", "scale_raw", "log_noise")}
+    gen = torch.Generator()
+    gen.set_state(state)
+    eps = torch.randn((1, K_PARTICLES, prob["D"]), generator=gen, dtype=prob["loc0"].dtype)[0]
+    params = [prob[k].clone().requires_grad_(True) for k in ("loc0", "raw0", "log_noise0")]
+    grads = torch.autograd.grad(_hand_loss(prob)(*params, eps), params)
+    errs = {k: float((g.reshape(-1) - ours[k]).norm() / ours[k].norm().clamp_min(1e-30))
+            for k, g in zip(ours, grads)}
+    return max(errs.values()), errs
+
+
+def _pyro_typical(prob):
+    """Pyro as a user writes it: PyroModule[nn.Linear] layers, PyroSample priors, AutoNormal."""
     try:
         import pyro
         import pyro.distributions as dist
         from pyro.infer import SVI, RenyiELBO
-        from pyro.optim import Adam as PyroAdam
+        from pyro.infer.autoguide import AutoNormal, init_to_value
+        from pyro.nn import PyroModule, PyroSample
     except ImportError:
-        out["pyro_ms"] = None
-        out["note"] = "pyro-ppl not installed (pip install -e .[bench])"
-        return out
-    target = est._make_target()
-    D = target.n_latent(1)
-    Xt = torch.as_tensor(X, dtype=torch.float32)
-    yt = torch.as_tensor(y, dtype=torch.float32)
+        raise _Skip("pyro-ppl not installed (pip install -e .[bench])") from None
+    widths = [prob["shapes"][0][0]] + [o for _, o in prob["shapes"]]
 
-    def model(Xt, yt):
+    class BNN(PyroModule):
+        def __init__(self):
+            super().__init__()
+            layers = []
+            for i, o in zip(widths[:-1], widths[1:]):
+                layer = PyroModule[torch.nn.Linear](i, o)
+                layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand([o, i]).to_event(2))
+                layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand([o]).to_event(1))
+                layers.append(layer)
+            self.layers = PyroModule[torch.nn.ModuleList](layers)
+
+        def forward(self, x, y=None):
+            h = x
+            for li, layer in enumerate(self.layers):
+                # Under vectorised particles the samples are (K, 1, o, i) and (K, 1, o):
+                # nn.Linear's F.linear takes only a matrix, so the layer is written batched.
+                W, b = layer.weight, layer.bias
+                W = W.reshape(-1, *W.shape[-2:])
+                h = torch.matmul(h, W.transpose(-1, -2)) + b.reshape(-1, 1, b.shape[-1])
+                if li < len(self.layers) - 1:
+                    h = torch.relu(h)
+            mean = h.squeeze(-1)  # (K, N); (1, N) outside the particle plate
+            sigma = torch.nn.functional.softplus(
+                pyro.param("typical_log_noise", prob["log_noise0"].clone())) + 1e-3
+            with pyro.plate("data", x.shape[0], dim=-1):
+                pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+            return mean
+
+    # q starts where everyone's does (nn.Linear's weight is the transpose of our layout).
+    values, pieces = {}, prob["loc0"].split(prob["sizes"])
+    for li, (i, o) in enumerate(prob["shapes"]):
+        values[f"layers.{li}.weight"] = pieces[2 * li].reshape(i, o).T.contiguous()
+        values[f"layers.{li}.bias"] = pieces[2 * li + 1].clone()
+    model = BNN()
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=values), init_scale=0.01)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}),
+              loss=RenyiELBO(alpha=ALPHA, num_particles=K_PARTICLES, vectorize_particles=True,
+                             max_plate_nesting=1))
+    X, y = prob["X"], prob["y"]
+    return lambda: svi.step(X, y)
+
+
+def _pyro_lean(prob):
+    """Pyro with a lean model: one vectorised sample site for the flat weights, own guide."""
+    try:
+        import pyro
+        import pyro.distributions as dist
+        from pyro.infer import SVI, RenyiELBO
+    except ImportError:
+        raise _Skip("pyro-ppl not installed (pip install -e .[bench])") from None
+    target, D, X, y = prob["target"], prob["D"], prob["X"], prob["y"]
+
+    def model(X, y):
         z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))  # (K, D) vectorised
-        log_noise = pyro.param("log_noise", torch.tensor(0.5413))
-        zz = z.reshape(1, -1, D) if z.dim() > 1 else z.reshape(1, 1, D)
-        mean, _ = target.forward(zz, Xt.unsqueeze(0), {"log_noise": log_noise.reshape(1, 1)})
-        mean = mean[0]  # (K, n)
+        log_noise = pyro.param("lean_log_noise", prob["log_noise0"].clone())
+        zz = z.reshape(1, -1, D)
+        mean, _ = target.forward(zz, X.unsqueeze(0), {"log_noise": log_noise.reshape(1, 1)})
         sigma = torch.nn.functional.softplus(log_noise) + 1e-3
-        with pyro.plate("data", yt.shape[0], dim=-1):
-            pyro.sample("y", dist.Normal(mean, sigma), obs=yt)
+        with pyro.plate("data", y.shape[0], dim=-1):
+            pyro.sample("y", dist.Normal(mean[0], sigma), obs=y)
 
-    loc0 = run.params["loc"][0].clone()
+    def guide(X, y):
+        loc = pyro.param("lean_q_loc", prob["loc0"].clone())
+        raw = pyro.param("lean_q_raw", prob["raw0"].clone())
+        pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-6).to_event(1))
 
-    def guide(Xt, yt):
-        loc = pyro.param("q_loc", loc0)
-        raw = pyro.param("q_raw", torch.full((D,), math.log(math.expm1(0.01))))
-        pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw)).to_event(1))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}),
+              loss=RenyiELBO(alpha=ALPHA, num_particles=K_PARTICLES, vectorize_particles=True,
+                             max_plate_nesting=1))
+    return lambda: svi.step(X, y)
 
-    pyro.clear_param_store()
-    svi = SVI(model, guide, PyroAdam({"lr": 1e-3}),
-              loss=RenyiELBO(alpha=0.5, num_particles=10, vectorize_particles=True))
-    t_pyro = _median_time(lambda: svi.step(Xt, yt), n_rep)
-    out.update(pyro_ms=1e3 * t_pyro, ratio=t_pyro / t_ours, goal=3.0)
+
+def _import_jax():
+    """JAX on this process's CPU cores (see :data:`JAX_ENV`)."""
+    if sys.modules.get("jax") is None:
+        for k, v in JAX_ENV.items():
+            os.environ.setdefault(k, v)
+    try:
+        import jax
+        import numpyro  # noqa: F401
+    except ImportError:
+        raise _Skip("numpyro/jax not installed (pip install -e .[bench])") from None
+    return jax
+
+
+def _numpyro(prob, fori):
+    """NumPyro's RenyiELBO SVI on the same model; ``fori``: 10 steps per jitted fori_loop."""
+    jax = _import_jax()
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer import SVI, RenyiELBO
+
+    shapes, D = prob["shapes"], prob["D"]
+    X, y = jnp.asarray(prob["X"].numpy()), jnp.asarray(prob["y"].numpy())
+    loc0, raw0 = jnp.asarray(prob["loc0"].numpy()), jnp.asarray(prob["raw0"].numpy())
+    log_noise0 = jnp.asarray(prob["log_noise0"].numpy())
+
+    def forward(z, X):  # one particle (RenyiELBO vmaps over them), our flat layout
+        h, off = X, 0
+        for li, (i, o) in enumerate(shapes):
+            W = z[off:off + i * o].reshape(i, o)
+            b = z[off + i * o:off + i * o + o]
+            off += i * o + o
+            h = h @ W + b
+            if li < len(shapes) - 1:
+                h = jax.nn.relu(h)
+        return h[..., 0]
+
+    def model(X, y):
+        z = numpyro.sample("z", ndist.Normal(jnp.zeros(D), 1.0).to_event(1))
+        sigma = jax.nn.softplus(numpyro.param("log_noise", log_noise0)) + 1e-3
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", ndist.Normal(forward(z, X), sigma), obs=y)
+
+    def guide(X, y):
+        loc = numpyro.param("q_loc", loc0)
+        raw = numpyro.param("q_raw", raw0)
+        numpyro.sample("z", ndist.Normal(loc, jax.nn.softplus(raw) + 1e-6).to_event(1))
+
+    svi = SVI(model, guide, numpyro.optim.Adam(LR),
+              RenyiELBO(alpha=ALPHA, num_particles=K_PARTICLES))
+    holder = [svi.init(jax.random.PRNGKey(0), X, y)]
+    if fori:
+        n_inner = 10
+
+        def body(i, s):
+            return svi.update(s, X, y)[0]
+
+        many = jax.jit(lambda s: jax.lax.fori_loop(0, n_inner, body, s))
+
+        def call():
+            holder[0] = jax.block_until_ready(many(holder[0]))
+        return call, n_inner
+    update = jax.jit(svi.update)
+
+    def call():
+        holder[0], loss = update(holder[0], X, y)
+        return loss.block_until_ready()
+    return call, 1
+
+
+def _build_contender(name, prob):
+    """``(call, steps_per_call)`` for one contender, or :class:`_Skip`."""
+    if name == "ours_compiled":  # our step with MetaBNNRegressor(compile=True)
+        return _bnn_run(1, prob["X"].shape[0], compile=True)[1].step, 1
+    if name == "pyro_typical":
+        return _pyro_typical(prob), 1
+    if name == "pyro_lean":
+        return _pyro_lean(prob), 1
+    if name in ("numpyro_jit", "numpyro_fori"):
+        return _numpyro(prob, fori=name == "numpyro_fori")
+    if name in ("torch_eager", "torch_compiled"):
+        return _torch_step(prob, compiled=name == "torch_compiled"), 1
+    raise ValueError(f"unknown contender {name!r}; valid: {list(PEERS)}")
+
+
+def _interleaved(calls, n_rep, n_warmup=3):
+    """Median seconds per step of each ``name: (call, steps_per_call)``, rounds interleaved.
+
+    Each round times one call of every contender, the order rotated from round to
+    round, so that all see the same machine noise.
+    """
+    for call, _ in calls.values():
+        for _ in range(n_warmup):
+            call()
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(n_rep):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, per = calls[name]
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) / per)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_peers_at(n_points, n_rep=100, contenders=PEERS):
+    """Our step against every contender at N rows, side by side (see :data:`PEERS`)."""
+    try:
+        import pyro
+    except ImportError:
+        pass
+    else:
+        pyro.clear_param_store()  # a fresh q for each N (pyro.param ignores a new init)
+    prob = _bnn_problem(n_points)
+    calls = {"ours": (prob["run"].step, 1)}
+    compile_s, notes = {}, {}
+    for name in contenders:
+        try:
+            call, per = _build_contender(name, prob)
+            t0 = time.perf_counter()
+            call()  # the first call: tracing / compiling, timed apart
+            compile_s[name] = time.perf_counter() - t0
+        except _Skip as exc:
+            notes[name] = str(exc)
+            continue
+        except Exception as exc:  # a peer that fails here is reported, not fatal
+            notes[name] = f"failed: {type(exc).__name__}: {exc}"[:500]
+            continue
+        calls[name] = (call, per)
+    med = _interleaved(calls, n_rep)
+    t_ours = med["ours"]
+    out = {"ours_ms": 1e3 * t_ours,
+           # Our step again, alone (consecutive steps, same process): far from ours_ms means
+           # the contenders disturb each other (e.g. thread pools spinning on the same cores).
+           "ours_alone_ms": 1e3 * _median_time(prob["run"].step, n_rep)}
+    for name in contenders:
+        t = med.get(name)
+        out[f"{name}_ms"] = None if t is None else 1e3 * t
+        out[f"ratio_vs_{name}"] = None if t is None else t / t_ours
+    t_comp = med.get("ours_compiled")
+    for name in contenders:  # the same ratios for our compiled step
+        t = med.get(name)
+        if name != "ours_compiled":
+            out[f"compiled_ratio_vs_{name}"] = (None if t is None or t_comp is None
+                                                else t / t_comp)
+    out["compile_s"] = compile_s  # first call of each (tracing/compiling + one step)
+    if "torch_eager" in contenders:
+        try:
+            out["torch_grad_max_rel_err"], out["torch_grad_rel_err"] = \
+                check_torch_gradient(n_points)
+        except Exception as exc:
+            notes["torch_grad_check"] = f"failed: {type(exc).__name__}: {exc}"[:500]
+    if notes:
+        out["notes"] = notes
+        out["note"] = "; ".join(f"{k}: {v}" for k, v in notes.items())
+    out["n_rep"] = n_rep
+    return out
+
+
+def _peer_versions():
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("pyro-ppl", "numpyro", "jax", "jaxlib"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def bench_peers(n_points=(1000, 40), n_rep=100, contenders=PEERS):
+    """Benchmark 1: our Rényi step vs Pyro, NumPyro and hand-written torch, at each N."""
+    out = {f"N={n}": bench_peers_at(n, n_rep, contenders) for n in n_points}
+    out["settings"] = {
+        "model": "1-50-50-1 ReLU BNN, homoskedastic noise (learned point estimate)",
+        "alpha": ALPHA, "n_particles": K_PARTICLES, "lr": LR, "dtype": "float32",
+        "timing": f"median over {n_rep} interleaved rounds, ms per step",
+        "ratio": "peer time / our time (> 1: we are faster)",
+        "torch_threads": torch.get_num_threads(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS") if sys.modules.get("jax") else None,
+        "versions": _peer_versions(),
+    }
+    try:  # Pyro's default (on): its distributions check their arguments and supports
+        from pyro.infer.util import is_validation_enabled
+    except ImportError:
+        pass
+    else:
+        out["settings"]["pyro_validation"] = is_validation_enabled()
     return out
 
 
@@ -205,9 +567,15 @@ def bench_flops(n_rep=30):
     flops = counter.get_total_flops()
     t = _median_time(step, n_rep)
     achieved = flops / t / 1e9
-    return {"matmul_peak_gflops": peak, "bnn_step_gflops": achieved,
-            "fraction_of_peak": achieved / peak, "goal": 0.4, "step_ms": 1e3 * t,
-            "flops_per_step": flops}
+    out = {"matmul_peak_gflops": peak, "bnn_step_gflops": achieved,
+           "fraction_of_peak": achieved / peak, "goal": 0.4, "step_ms": 1e3 * t,
+           "flops_per_step": flops}
+    # The compiled step does the same maths (the FLOP count of the eager one).
+    compiled = _bnn_run(1, 1000, compile=True)[1].step
+    t_c = _median_time(compiled, n_rep)
+    out.update(compiled_step_ms=1e3 * t_c, compiled_gflops=flops / t_c / 1e9,
+               compiled_fraction_of_peak=flops / t_c / 1e9 / peak)
+    return out
 
 
 # ------------------------------------------------------------------- 5
@@ -303,20 +671,36 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--reproduce", action="store_true", help="also time table4/table5 paper")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="subset of: pyro batched memory flops reproduce vae")
+                        help="subset of: peers (alias pyro) ours batched memory flops reproduce "
+                             "vae")
+    parser.add_argument("--n-rep", type=int, default=None,
+                        help="repetitions (interleaved rounds for peers; default per benchmark)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated contenders of benchmark 1 (default: all of "
+                             f"{','.join(PEERS)})")
+    parser.add_argument("--sizes", default="1000,40", help="N of benchmarks 1 and ours")
     args = parser.parse_args(argv)
-    sel = set(args.only or ["pyro", "batched", "memory", "flops", "vae"])
+    sel = set(args.only or ["peers", "batched", "memory", "flops", "vae"])
+    if "pyro" in sel:  # the old name of benchmark 1
+        sel = (sel - {"pyro"}) | {"peers"}
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    rep = {} if args.n_rep is None else {"n_rep": args.n_rep}
     results = {"machine": machine()}
-    if "pyro" in sel:
-        results["1_pyro_renyi_step"] = bench_pyro()
+    if "peers" in sel:
+        peers = tuple(p for p in args.peers.split(",") if p)
+        if set(peers) - set(PEERS):
+            parser.error(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; valid: {PEERS}")
+        results["1_peers"] = bench_peers(sizes, contenders=peers, **rep)
+    if "ours" in sel:  # our step alone, e.g. after a change of the engine
+        results["1_ours_ms"] = {f"N={n}": measure_ours(n, **rep) for n in sizes}
     if "batched" in sel:
-        results["2_batched_vs_loop"] = [bench_batched(40), bench_batched(1000)]
+        results["2_batched_vs_loop"] = [bench_batched(40, **rep), bench_batched(1000, **rep)]
     if "memory" in sel:
         results["3_memory_MiB"] = bench_memory()
     if "flops" in sel:
-        results["4_flops"] = bench_flops()
+        results["4_flops"] = bench_flops(**rep)
     if "vae" in sel:
-        results["6_vae_step"] = bench_vae()
+        results["6_vae_step"] = bench_vae(**rep)
     if args.reproduce or "reproduce" in sel:
         results["5_reproduce_seconds"] = bench_reproduce()
     print(json.dumps(results, indent=2))

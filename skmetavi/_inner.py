@@ -24,6 +24,7 @@ corrupt second derivatives.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -73,10 +74,64 @@ def _per_task(t: torch.Tensor) -> torch.Tensor:
     sum that overflows the float range counts as non-finite too, which only
     flags values already within a factor ``numel`` of it).
     """
-    flat = t.detach().reshape(t.shape[0], -1)
-    if not flat.is_floating_point():
-        return torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-    return torch.isfinite(flat.sum(-1))
+    return _finite_tasks([t])
+
+
+def _finite_tasks(tensors) -> torch.Tensor:
+    """Whether every entry of each task of all ``tensors`` (each (M, ...)) is finite, (M,).
+
+    :func:`_per_task` of every tensor, and-ed, in a handful of kernels: one sum
+    per tensor, then ``s * 0 == 0`` (``nan`` exactly for a non-finite ``s``)
+    on all the sums at once.
+    """
+    tensors = list(tensors)
+    ref = tensors[0]
+    sums = [(t.detach() if t.requires_grad else t).reshape(t.shape[0], -1).sum(-1)
+            for t in tensors if t.is_floating_point()]
+    if not sums:
+        return torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
+    s = sums[0] if len(sums) == 1 else torch.stack(sums)
+    # A compiler may fold s * 0 to 0 (it ignores nan semantics): isfinite there, fused anyway.
+    ok = torch.isfinite(s) if torch.compiler.is_compiling() else s * 0 == 0
+    return ok if len(sums) == 1 else ok.all(0)
+
+
+def _detached(tree):
+    """:func:`skmetavi._tree.detach`, leaving tensors that need no detaching as they are."""
+    return _tree.tree_map(lambda t: t.detach() if t.requires_grad else t, tree)
+
+
+def _fast_weights(divergence, log_w):
+    """``(w, bound)`` of a step without a graph whose log weights are all finite, or None.
+
+    The weights are ``divergence.particle_weights(log_w)`` and the bound
+    ``divergence.bound(log_p, log_q)[:, 0]`` of one site; for :class:`Renyi`
+    both come from one centred pass over ``log_w`` (the weights bit for bit,
+    the bound to rounding), for a divergence with the default (ELBO) bound the
+    mean of ``log_w``.  None where the bound needs ``log_p`` and ``log_q``
+    apart (the caller then takes the general path).
+    """
+    with torch.no_grad():  # no graph to eta either: the direction is not differentiated
+        return _fast_weights_no_grad(divergence, log_w.detach())
+
+
+def _fast_weights_no_grad(divergence, lw):
+    from skmetavi.divergences import Divergence, Renyi
+
+    if type(divergence) is Renyi:
+        c = 1.0 - divergence.alpha_tensor().to(lw.dtype)
+        c_val = float(c)
+        if abs(c_val) < 1e-4:  # the bound's series branch: the general path
+            return None
+        shift = lw.amax(-1, keepdim=True)  # finite: every log weight is
+        u = c * (lw - shift)  # Renyi.particle_weights's centred argument
+        w = torch.softmax(u, dim=-1)
+        # log mean_k exp(c l_k) / c = (logsumexp(u) - log K) / c + max_k l_k
+        bound = (torch.logsumexp(u, dim=-1) - math.log(lw.shape[-1])) / c + shift[..., 0]
+        return w, bound[:, 0]
+    if type(divergence).bound is Divergence.bound:
+        return divergence.particle_weights(lw), lw.mean(-1)[:, 0]
+    return None
 
 
 def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
@@ -115,6 +170,19 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
                                 create_graph=create_graph)
     log_w = log_p - log_q  # (M, S, K)
     site_w = model.site_weights(tasks)  # (M, S) or None (one site of weight one)
+    fast = None
+    if not create_graph and site_w is None and log_w.device.type == "cpu":
+        # No graph to keep and one site: when every log weight is finite, no masking (on
+        # the CPU, where asking whether they are costs less than the masks; an
+        # accelerator would have to synchronise).
+        finite = _finite_tasks([log_w])
+        if bool(finite.all()):
+            fast = _fast_weights(divergence, log_w)
+    if fast is not None:
+        w, bound = fast
+        direction = _direction(model, divergence, params, log_p, log_w, z, w, var_keys,
+                               model_keys, create_graph=False)
+        return direction, StepStats(bound, finite & _finite_tasks(direction.values()))
     site_ok = torch.isfinite(log_w).all(-1)  # (M, S)
     if site_w is not None:
         site_w = site_w.to(log_w.dtype)
@@ -129,6 +197,21 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
     w = torch.where(keep, w, torch.zeros_like(w))
     if site_w is not None:
         w = w * site_w.unsqueeze(-1)
+    direction = _direction(model, divergence, params, log_p, log_w, z, w, var_keys, model_keys,
+                           create_graph=create_graph)
+    finite = finite & _finite_tasks(direction.values())
+    with torch.no_grad():
+        bound = divergence.bound(log_p, log_q)  # (M, S)
+        if site_w is None:
+            bound = bound[:, 0]
+        else:
+            bound = (torch.where(site_w != 0, bound, torch.zeros_like(bound)) * site_w).sum(-1)
+    return direction, StepStats(bound.detach(), finite)
+
+
+def _direction(model, divergence, params, log_p, log_w, z, w, var_keys, model_keys, *,
+               create_graph):
+    """The vector-Jacobian products of :func:`inner_direction` with weights ``w``."""
     retain = True if create_graph else None
     if not divergence.path_derivative:
         # Eq. (4): total derivative of l_sk, weights as grad_outputs.
@@ -164,15 +247,7 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
                 allow_unused=True,
             )
             direction.update(zip(model_keys, zeros_for_none(g_model, model_inputs)))
-    for g in direction.values():
-        finite = finite & _per_task(g)
-    with torch.no_grad():
-        bound = divergence.bound(log_p, log_q)  # (M, S)
-        if site_w is None:
-            bound = bound[:, 0]
-        else:
-            bound = (torch.where(site_w != 0, bound, torch.zeros_like(bound)) * site_w).sum(-1)
-    return direction, StepStats(bound.detach(), finite)
+    return direction
 
 
 def check_local_divergence(model, divergence):
@@ -229,8 +304,7 @@ def _local_direction(model, divergence, params, tasks, z, log_q, *, create_graph
         allow_unused=True,
     )
     direction = dict(zip(keys, zeros_for_none(grads, inputs)))
-    for g in direction.values():
-        finite = finite & _per_task(g)
+    finite = finite & _finite_tasks(direction.values())
     with torch.no_grad():
         bound = divergence.local_bound(rows, row_w, log_rest)[:, 0]  # (M,)
     return direction, StepStats(bound.detach(), finite)
@@ -278,6 +352,7 @@ def inner_step(
     create_graph=False,
     first_order_chain=False,
     batch_size=None,
+    eps=None,
 ):
     """One functional inner VI step for all tasks; returns ``(params, state, stats)``.
 
@@ -287,6 +362,8 @@ def inner_step(
     taken as the identity (first-order) while its direct dependence on eta is
     kept.  With ``batch_size`` a minibatch of rows is drawn; the model's per-row
     (local) parameters of those rows are updated, the others are untouched.
+    ``eps``: the model's noise for this step, if already drawn (else drawn
+    from ``generator``).
     """
     if batch_size is not None:
         tasks = minibatch(tasks, batch_size, generator)
@@ -297,7 +374,8 @@ def inner_step(
     full_params, full_state = params, state
     if rows is not None:
         params, state = _gather_local(model, optimizer, params, state, rows)
-    eps = model.sample_eps(params, tasks, n_particles, generator=generator)
+    if eps is None:
+        eps = model.sample_eps(params, tasks, n_particles, generator=generator)
     if graph:
         direction, stats = inner_direction(model, divergence, params, tasks, eps, create_graph=True)
         new, new_state = optimizer.update(params, direction, state)
@@ -313,11 +391,11 @@ def inner_step(
             model, divergence, leaf, tasks, eps, create_graph=create_graph
         )
     if not create_graph:
-        direction = _tree.detach(direction)
-    new, new_state = optimizer.update(_tree.detach(params), direction, _tree.detach(state))
+        direction = _detached(direction)
+    new, new_state = optimizer.update(_detached(params), direction, _detached(state))
     if rows is not None:
         new, new_state = _scatter_local(
-            model, optimizer, _tree.detach(full_params), _tree.detach(full_state),
+            model, optimizer, _detached(full_params), _detached(full_state),
             new, new_state, rows,
         )
     if first_order_chain:
@@ -352,7 +430,9 @@ def inner_loop(
         only each step's direct dependence on eta (inner Jacobians taken as
         the identity, as first-order MAML; the optimiser's state, e.g. Adam's
         moments, is carried detached from one step to the next, so eta's effect
-        through it is dropped too); ``"truncated"`` back-propagates fully
+        through it is dropped too; each step's eta-graph is recomputed in the
+        backward pass, so memory does not grow with B: :mod:`skmetavi._first_order`);
+        ``"truncated"`` back-propagates fully
         through the last ``truncate`` steps and treats earlier steps as
         constants (identity Jacobian for the initialisation, no dependence on
         eta), so that memory is bounded by ``truncate``.  (The implicit mode is
@@ -362,8 +442,19 @@ def inner_loop(
     on_step : callable, default=None
         ``on_step(b, params)`` after step ``b`` (e.g. a meta-loss at every step).
     """
-    stats = []
+    from skmetavi import _first_order  # recomputation: memory constant in B
+
+    stats, fo = [], None
+    if differentiable and mode == "first_order" and _first_order.RECOMPUTE:
+        fo = _first_order.FirstOrderSteps(model, divergence, optimizer, n_particles=n_particles,
+                                          generator=generator, batch_size=batch_size)
     for b in range(n_steps):
+        if fo is not None:
+            params, state, st = fo.step(params, state, tasks)
+            stats.append(st)
+            if on_step is not None:
+                on_step(b, params)
+            continue
         if not differentiable:
             kw = {}
         elif mode == "truncated" and b < n_steps - truncate:
@@ -384,11 +475,7 @@ def inner_loop(
 
 def finite_params(params) -> torch.Tensor:
     """Whether every parameter of each task is finite, shape (M,)."""
-    ok = None
-    for v in params.values():
-        f = _per_task(v.detach())
-        ok = f if ok is None else ok & f
-    return ok
+    return _finite_tasks(params.values())
 
 
 class VIRun:
@@ -414,10 +501,14 @@ class VIRun:
     budget : torch.Tensor of shape (M,), default=None
         Steps per task: a task stops changing after its budget (tasks of
         different sizes adapted together for a number of epochs each).
+    compile : bool, default=False
+        Take the steps with :class:`skmetavi._compiled.CompiledStep` (one
+        ``torch.compile`` graph per step) where the configuration allows it;
+        otherwise, or if compiling fails, eagerly with a ``RuntimeWarning``.
     """
 
     def __init__(self, model, divergence, optimizer, params, state, tasks, *, n_particles,
-                 generator, batch_size=None, max_failures=10, budget=None):
+                 generator, batch_size=None, max_failures=10, budget=None, compile=False):
         self.model, self.divergence, self.optimizer = model, divergence, optimizer
         self.params, self.state, self.tasks = params, state, tasks
         self.n_particles, self.generator = n_particles, generator
@@ -425,16 +516,47 @@ class VIRun:
         M = next(iter(params.values())).shape[0]
         self.budget = None if budget is None else torch.as_tensor(budget).cpu()
         self.failures = torch.zeros(M, dtype=torch.long)
+        self._any_failures = False
         self.n_iter = 0
+        self._compiled = None
+        if compile:
+            from skmetavi._compiled import CompiledStep, unsupported_reason
+
+            reason = unsupported_reason(model, divergence, optimizer, tasks, batch_size)
+            if reason is None:
+                self._compiled = CompiledStep(model, divergence, optimizer, tasks)
+            else:
+                warnings.warn(f"compile=True is not supported here: {reason}; the inner steps "
+                              "run eagerly.", RuntimeWarning, stacklevel=2)
 
     def step(self) -> torch.Tensor:
         """One inner step for all tasks; returns the bound per task (NaN where not applied)."""
         params, state = self.params, self.state
-        new, new_state, st = inner_step(
-            self.model, self.divergence, self.optimizer, params, state, self.tasks,
-            n_particles=self.n_particles, generator=self.generator, batch_size=self.batch_size,
-        )
-        ok = (st.finite & finite_params(new)).cpu()
+        out = eps = None
+        if self._compiled is not None:
+            eps = self.model.sample_eps(params, self.tasks, self.n_particles,
+                                        generator=self.generator)
+            out = self._compiled(params, state, eps)
+            if out is None:  # compilation failed (warned): eager from now on, same noise
+                self._compiled = None
+        if out is not None:
+            new, new_state, st = out  # st.finite covers the new parameters too
+        else:
+            new, new_state, st = inner_step(
+                self.model, self.divergence, self.optimizer, params, state, self.tasks,
+                n_particles=self.n_particles, generator=self.generator,
+                batch_size=self.batch_size, eps=eps,
+            )
+        ok = (st.finite if out is not None else st.finite & finite_params(new)).cpu()
+        if bool(ok.all()) and (self.budget is None or not self.budget.numel()
+                               or self.n_iter < int(self.budget.min())):
+            # Every task finite and running: nothing to roll back.
+            if self._any_failures:
+                self.failures.zero_()
+                self._any_failures = False
+            self.params, self.state = new, new_state
+            self.n_iter += 1
+            return st.bound
         active = torch.ones_like(ok) if self.budget is None else self.n_iter < self.budget
         failures = self.failures
         bad = (active & ~ok).nonzero().flatten()
@@ -458,6 +580,7 @@ class VIRun:
                 )
         else:
             failures.zero_()
+        self._any_failures = bool(failures.any())
         apply = ok & active
         if not bool(apply.all()):
             dev = apply.to(new[next(iter(new))].device)

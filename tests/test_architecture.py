@@ -34,6 +34,8 @@ TORCH_ONLY = sorted(
         PACKAGE_DIR / "_params.py",
         PACKAGE_DIR / "_tree.py",
         PACKAGE_DIR / "_inner.py",
+        PACKAGE_DIR / "_compiled.py",
+        PACKAGE_DIR / "_first_order.py",
         PACKAGE_DIR / "_meta_losses.py",
         PACKAGE_DIR / "_strategies.py",
         PACKAGE_DIR / "_trainer.py",
@@ -678,7 +680,8 @@ def test_joblib_round_trip(name, request, tmp_path):
 ENGINE_INTERNALS = {
     "skmetavi._bilevel", "skmetavi._inner", "skmetavi._optim", "skmetavi._tasks",
     "skmetavi._trainer", "skmetavi._strategies", "skmetavi._implicit", "skmetavi._meta_losses",
-    "skmetavi._tree", "skmetavi._torch", "skmetavi._distributed",
+    "skmetavi._tree", "skmetavi._torch", "skmetavi._distributed", "skmetavi._compiled",
+    "skmetavi._first_order",
 }
 
 

@@ -495,7 +495,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             check_local_divergence(model, divergence)  # before any work
         run = VIRun(model, divergence, optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
-                    batch_size=self.batch_size, budget=budget)
+                    batch_size=self.batch_size, budget=budget,
+                    compile=bool(getattr(self, "compile", False)))
         return model, run, budget, extras
 
     def _adapted_copies(self, data, random_states=None):

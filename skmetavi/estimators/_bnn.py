@@ -101,6 +101,20 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
     batch_size : int, default=None
         Rows per inner step (the likelihood is rescaled by N / batch); all rows
         if None.
+    compile : bool, default=False
+        Take the inner steps of :meth:`fit` as one ``torch.compile`` graph
+        each (forward, backward and optimiser update fused by the inductor):
+        measured on a CPU with a 1-50-50-1 BNN, 2x faster per step with 1000
+        rows and 4x with 40, but the first fit of a configuration compiles
+        for tens of seconds (a few seconds in a later process, from the
+        inductor's on-disk cache), which pays off only after thousands of
+        steps.  Compiled code is cached per configuration: fits with the same
+        shapes and dtype do not recompile, whatever their learning rate or
+        divergence parameters; another number of rows recompiles once.
+        Falls back to the eager steps with a ``RuntimeWarning`` for what it
+        does not cover (``batch_size``, local or path-derivative divergences)
+        or if compiling fails.  :meth:`meta_fit`'s differentiable steps are
+        never compiled.
     init_scale : float, default=0.01
         Initial standard deviation of q for every weight; the initial means are
         He-scaled random draws (``network``'s own parameters if given).
@@ -319,6 +333,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         "n_predict_samples": [Interval(Integral, 1, None, closed="left")],
         "meta_loss": [StrOptions({"nll"}), callable],
         "query_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "compile": ["boolean"],
     }
 
     def __init__(
@@ -335,6 +350,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         inner_lr="auto",
         max_iter="auto",
         batch_size=None,
+        compile=False,
         init_scale=0.01,
         normalize_y="auto",
         n_predict_samples=100,
@@ -374,6 +390,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         self.inner_lr = inner_lr
         self.max_iter = max_iter
         self.batch_size = batch_size
+        self.compile = compile
         self.init_scale = init_scale
         self.normalize_y = normalize_y
         self.n_predict_samples = n_predict_samples

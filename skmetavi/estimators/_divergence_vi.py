@@ -173,6 +173,20 @@ class MetaDivergenceVI(_BaseMetaVI):
         Meta-validation (``validation_fraction``) splits its tasks the same way.
     batch_size : int, default=None
         Rows per inner step (the likelihood is rescaled); all rows if None.
+    compile : bool, default=False
+        Take the inner steps of :meth:`fit` as one ``torch.compile`` graph
+        each (forward, backward and optimiser update fused by the inductor):
+        measured on a CPU with a 1-50-50-1 BNN, 2x faster per step with 1000
+        rows and 4x with 40, but the first fit of a configuration compiles
+        for tens of seconds (a few seconds in a later process, from the
+        inductor's on-disk cache), which pays off only after thousands of
+        steps.  Compiled code is cached per configuration: fits with the same
+        shapes and dtype do not recompile, whatever their learning rate or
+        divergence parameters; another number of rows recompiles once.
+        Falls back to the eager steps with a ``RuntimeWarning`` for what it
+        does not cover (``batch_size``, local or path-derivative divergences)
+        or if compiling fails.  :meth:`meta_fit`'s differentiable steps are
+        never compiled.
     n_score_particles : int, default=1000
         Particles of :meth:`score`.
     dtype : {"float64", "float32"}, default="float64"
@@ -304,6 +318,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         "meta_loss": [StrOptions(set(META_LOSS_NAMES)), callable],
         "quadrature_range": [tuple, None],
         "query_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "compile": ["boolean"],
         "n_score_particles": [Interval(Integral, 1, None, closed="left")],
     }
 
@@ -340,6 +355,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         task_chunk_size=None,
         query_fraction=0.5,
         batch_size=None,
+        compile=False,
         n_score_particles=1000,
         dtype="float64",
         device="cpu",
@@ -378,6 +394,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         self.task_chunk_size = task_chunk_size
         self.query_fraction = query_fraction
         self.batch_size = batch_size
+        self.compile = compile
         self.n_score_particles = n_score_particles
         self.dtype = dtype
         self.device = device

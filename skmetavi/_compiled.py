@@ -1,0 +1,169 @@
+"""A compiled (``torch.compile``) plain VI step: forward, backward and update in one graph.
+
+Plain ``fit`` takes many non-differentiable inner steps, each a few hundred
+small kernels on the eager path.  :class:`CompiledStep` traces one whole step
+-- particles, log weights, the divergence's weights, the direction (as the
+gradient of the surrogate ``sum_k sg(w_k) l_k``, whose gradient in the
+parameters is the engine's ``sum_k w_k d l_k / d phi``), the optimiser update,
+the monitoring bound and the finiteness checks -- into one graph that the
+inductor compiles and fuses.  The noise is drawn outside the graph from the
+run's generator, so a compiled run draws the same numbers as an eager one and
+agrees with it to floating-point rounding.
+
+Supported: one global latent (:class:`~skmetavi.models.GlobalLatent`, no site
+weights), no minibatch, no per-row parameters, a divergence that is neither
+local nor path-derivative, and the built-in SGD and Adam.  Anything else runs
+eagerly (:func:`unsupported_reason` says why).  A compilation failure is
+reported as a ``RuntimeWarning`` and the run continues eagerly.
+
+Compiled graphs are cached by ``torch.compile`` on the step function's code,
+guarded on the shapes and dtypes of the inputs and on the constants the step
+reads (Adam's betas and eps, the divergence's type and fixed settings, the
+model's architecture and likelihood): repeated fits of the same configuration
+reuse them, and so do other learning rates (passed as a tensor) and other
+values of a divergence's parameters (module parameters are graph inputs);
+another number of rows or tasks recompiles once with dynamic shapes (then
+no more); a new architecture, dtype, number of particles or divergence class
+compiles anew.  The inductor
+keeps its generated code on disk, so a second process compiles faster.
+"""
+
+# Authors: The skmetavi developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from skmetavi._inner import StepStats, _finite_tasks
+from skmetavi._optim import SGD, Adam
+from skmetavi.models._protocol import GlobalLatent
+
+__all__ = ["CompiledStep", "unsupported_reason"]
+
+
+def unsupported_reason(model, divergence, optimizer, tasks, batch_size):
+    """Why a run cannot use :class:`CompiledStep` (a sentence), or None when it can."""
+    if not isinstance(model, GlobalLatent):
+        return f"the model {type(model).__name__} is not a GlobalLatent"
+    if batch_size is not None:
+        return "batch_size is set (minibatches)"
+    if tuple(getattr(model, "local_keys", ())):
+        return "the model has per-row parameters"
+    if model.site_weights(tasks) is not None:
+        return "the model has site weights"
+    if divergence.local or divergence.path_derivative:
+        return f"{type(divergence).__name__} is a local or path-derivative divergence"
+    if type(optimizer) not in (SGD, Adam):
+        return f"the inner optimiser {type(optimizer).__name__} is not skmetavi's SGD or Adam"
+    return None
+
+
+def _plain_step(model, divergence, optimizer, params, state, tasks, eps):
+    """One plain VI step of :func:`skmetavi._inner.inner_step` (no graph), as one function.
+
+    Returns ``(new_params, new_state, bound, finite)``; ``finite`` (M,) is
+    False for a task whose log weights, direction or new parameters are not
+    all finite (that task's weights are zero, as on the eager path).
+    """
+
+    def surrogate(p):
+        z = model.rsample(p, tasks, eps)
+        log_p = model.log_p(p, tasks, z)  # (M, 1, K)
+        log_q = model.log_q_reparameterised(p, tasks, eps)
+        log_w = log_p - log_q
+        lw = log_w.detach()
+        finite = _finite_tasks([lw])
+        keep = finite.reshape(-1, 1, 1)
+        zero = torch.zeros_like(lw)
+        w = divergence.particle_weights(torch.where(keep, lw, zero))
+        w = torch.where(keep, w, zero)
+        return (w * log_w).sum(), (log_p.detach(), log_q.detach(), finite)
+
+    direction, (log_p, log_q, finite) = torch.func.grad(surrogate, has_aux=True)(params)
+    new, new_state = optimizer.update(params, direction, state)
+    bound = divergence.bound(log_p, log_q)[:, 0]
+    finite = finite & _finite_tasks([*direction.values(), *new.values()])
+    return new, new_state, bound, finite
+
+
+_compiled_step = None
+
+
+def _guard_filter(entries):
+    """Keep the guards that a change of configuration trips; drop the costly constant ones.
+
+    Dropped: guards on globals (``torch.log`` and the helpers this module calls
+    are not expected to be replaced) and the identity of methods' code objects
+    (the types of the model, target, divergence and optimiser stay guarded, so
+    another class recompiles; monkey-patching a method of the same class would
+    not).  Kept: tensor shapes, dtypes and devices, types, and the values of
+    the constants the step reads (learning rate, betas, architecture, the
+    divergence's fixed settings).
+    """
+    return [not (e.is_global or (e.guard_type == "ID_MATCH" and "__code__" in e.name))
+            for e in entries]
+
+
+def _get_compiled():
+    """The process-wide compiled :func:`_plain_step` (one cache for every run)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(
+            _plain_step, dynamic=None, fullgraph=True,
+            options={"guard_filter_fn": _guard_filter},
+        )
+    return _compiled_step
+
+
+class CompiledStep:
+    """The compiled plain step of a :class:`~skmetavi._inner.VIRun`.
+
+    Calling it with ``(params, state, eps)`` returns ``(new_params, new_state,
+    stats)`` as :func:`~skmetavi._inner.inner_step` would.  The first call
+    compiles (tens of seconds on a CPU, less with the inductor's on-disk
+    cache); if compiling or running the compiled code raises, a
+    ``RuntimeWarning`` is issued, :attr:`failed` is set and the caller falls
+    back to the eager step.
+    """
+
+    def __init__(self, model, divergence, optimizer, tasks):
+        self.model, self.divergence, self.optimizer, self.tasks = model, divergence, optimizer, tasks
+        self.failed = False
+        self._traced_optimizer = None
+
+    def _optimizer_for(self, ref):
+        """A copy of the optimiser whose ``lr`` is a 0-d tensor (an input, not a constant).
+
+        A float ``lr`` would be baked into the graph and recompile for every
+        learning rate (a grid search over ``inner_lr``); as a tensor of the
+        parameters' dtype it gives the same products bit for bit (a Python
+        scalar is rounded to that dtype as well).
+        """
+        if self._traced_optimizer is None:
+            opt = copy.copy(self.optimizer)
+            opt.lr = torch.tensor(float(self.optimizer.lr), dtype=ref.dtype, device=ref.device)
+            self._traced_optimizer = opt
+        return self._traced_optimizer
+
+    def __call__(self, params, state, eps):
+        try:
+            optimizer = self._optimizer_for(eps)
+            with torch.no_grad():
+                new, new_state, bound, finite = _get_compiled()(
+                    self.model, self.divergence, optimizer, params, state, self.tasks, eps
+                )
+        except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
+            self.failed = True
+            warnings.warn(
+                f"compile=True: the compiled inner step failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); continuing with the "
+                "eager step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        return new, new_state, StepStats(bound, finite)
