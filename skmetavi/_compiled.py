@@ -24,8 +24,12 @@ reuse them, and so do other learning rates (passed as a tensor) and other
 values of a divergence's parameters (module parameters are graph inputs);
 another number of rows or tasks recompiles once with dynamic shapes (then
 no more); a new architecture, dtype, number of particles or divergence class
-compiles anew.  The inductor
-keeps its generated code on disk, so a second process compiles faster.
+compiles anew, up to :data:`RECOMPILE_LIMIT` configurations per process.  A
+changed module-level constant or a redefined function of the user's log
+density recompiles too; a method monkeypatched onto an existing class after
+a compiled fit is *not* seen (a ``torch.compile`` limitation: call
+``torch._dynamo.reset()`` after such a patch).  The inductor keeps its
+generated code on disk, so a second process compiles faster.
 """
 
 # Authors: The skmetavi developers
@@ -34,6 +38,7 @@ keeps its generated code on disk, so a second process compiles faster.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import torch
@@ -93,18 +98,28 @@ def _plain_step(model, divergence, optimizer, params, state, tasks, eps):
 _compiled_step = None
 
 
-def _guard_filter(entries):
-    """Keep the guards that a change of configuration trips; drop the costly constant ones.
+#: Global names whose guards are dropped: torch's own functions and modules and Python's
+#: builtins (nobody replaces ``torch.log`` or ``len`` between two fits).
+_UNGUARDED_GLOBALS = ("G['torch']", "G['__import_torch", "G['__builtins_dict")
 
-    Dropped: guards on globals (``torch.log`` and the helpers this module calls
-    are not expected to be replaced) and the identity of methods' code objects
-    (the types of the model, target, divergence and optimiser stay guarded, so
-    another class recompiles; monkey-patching a method of the same class would
-    not).  Kept: tensor shapes, dtypes and devices, types, and the values of
-    the constants the step reads (learning rate, betas, architecture, the
-    divergence's fixed settings).
+#: Recompilations allowed for the one compiled step (dynamo's default is 8): one per
+#: configuration (model, divergence class, dtype, particles, ...) of a process.
+RECOMPILE_LIMIT = 64
+
+
+def _guard_filter(entries):
+    """Keep every guard a user's change can trip; drop those on torch and the builtins.
+
+    Checking the ~100 guards on ``torch.*`` attributes, torch's modules and
+    builtins costs several hundred microseconds per step; they cannot change
+    between fits.  Kept: everything else -- tensor shapes, dtypes and devices,
+    types, the constants the step reads (learning rate, betas, architecture,
+    the divergence's fixed settings), the user's globals (a module-level
+    constant of a log density) and the code of every method and function
+    outside torch (a redefined or monkeypatched log density recompiles).
     """
-    return [not (e.is_global or (e.guard_type == "ID_MATCH" and "__code__" in e.name))
+    return [not (e.is_global and (e.name.startswith(_UNGUARDED_GLOBALS)
+                                  or isinstance(e.value, types.ModuleType)))
             for e in entries]
 
 
@@ -133,7 +148,7 @@ class CompiledStep:
     def __init__(self, model, divergence, optimizer, tasks):
         self.model, self.divergence, self.optimizer, self.tasks = model, divergence, optimizer, tasks
         self.failed = False
-        self._traced_optimizer = None
+        self._traced_optimizer, self._lr = None, None
 
     def _optimizer_for(self, ref):
         """A copy of the optimiser whose ``lr`` is a 0-d tensor (an input, not a constant).
@@ -143,24 +158,33 @@ class CompiledStep:
         parameters' dtype it gives the same products bit for bit (a Python
         scalar is rounded to that dtype as well).
         """
+        lr = float(self.optimizer.lr)
         if self._traced_optimizer is None:
             opt = copy.copy(self.optimizer)
-            opt.lr = torch.tensor(float(self.optimizer.lr), dtype=ref.dtype, device=ref.device)
-            self._traced_optimizer = opt
+            opt.lr = torch.tensor(lr, dtype=ref.dtype, device=ref.device)
+            self._traced_optimizer, self._lr = opt, lr
+        elif lr != self._lr:  # a schedule changed the run's learning rate: follow it
+            self._traced_optimizer.lr.fill_(lr)
+            self._lr = lr
         return self._traced_optimizer
 
     def __call__(self, params, state, eps):
         try:
             optimizer = self._optimizer_for(eps)
-            with torch.no_grad():
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 new, new_state, bound, finite = _get_compiled()(
                     self.model, self.divergence, optimizer, params, state, self.tasks, eps
                 )
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
+            if "RecompileLimit" in type(exc).__name__:
+                why = (f"this process has already compiled the step for {RECOMPILE_LIMIT} "
+                       "configurations (model, divergence class, dtype, particles, ...)")
+            else:
+                why = (f"{type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
             warnings.warn(
-                f"compile=True: the compiled inner step failed ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); continuing with the "
+                f"compile=True: the compiled inner step failed ({why}); continuing with the "
                 "eager step.",
                 RuntimeWarning,
                 stacklevel=3,

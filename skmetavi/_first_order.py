@@ -1,4 +1,4 @@
-"""First-order meta-gradients in memory constant in the number of inner steps B.
+"""First-order meta-gradients without a graph per inner step (memory nearly flat in B).
 
 ``mode="first_order"`` takes the Jacobian of every inner step in phi as the
 identity and keeps only the step's direct dependence on eta (the divergence's
@@ -187,16 +187,18 @@ class FirstOrderSteps:
             leaf = {k: v.detach().requires_grad_(True) for k, v in view.items()}
 
             def run():
-                return inner_direction(model, self.divergence, leaf, tasks, eps,
-                                       create_graph=False)
+                # The update is watched too: a tensor it reads that requires grad (a
+                # learned step size) is part of eta like the divergence's parameters.
+                direction, stats = inner_direction(model, self.divergence, leaf, tasks, eps,
+                                                   create_graph=False)
+                return stats, optimizer.update(view, _tree.detach(direction), view_state)
 
             if self.eta is None:
-                direction, stats = self._discover(
+                stats, (new, new_state) = self._discover(
                     list(leaf.values()) + list(_tree.tree_leaves(eps)), run)
             else:
-                direction, stats = run()
-        direction = _tree.detach(direction)
-        new, new_state = optimizer.update(view, direction, view_state)
+                stats, (new, new_state) = run()
+        new, new_state = _tree.detach(new), _tree.detach(new_state)
         if rows is not None:
             new, new_state = _scatter_local(model, optimizer, base, base_state, new, new_state,
                                             rows)

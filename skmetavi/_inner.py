@@ -431,7 +431,7 @@ def inner_loop(
         the identity, as first-order MAML; the optimiser's state, e.g. Adam's
         moments, is carried detached from one step to the next, so eta's effect
         through it is dropped too; each step's eta-graph is recomputed in the
-        backward pass, so memory does not grow with B: :mod:`skmetavi._first_order`);
+        backward pass, so no graph is kept per step: :mod:`skmetavi._first_order`);
         ``"truncated"`` back-propagates fully
         through the last ``truncate`` steps and treats earlier steps as
         constants (identity Jacobian for the initialisation, no dependence on
@@ -442,7 +442,7 @@ def inner_loop(
     on_step : callable, default=None
         ``on_step(b, params)`` after step ``b`` (e.g. a meta-loss at every step).
     """
-    from skmetavi import _first_order  # recomputation: memory constant in B
+    from skmetavi import _first_order  # recomputation: no graph per step
 
     stats, fo = [], None
     if differentiable and mode == "first_order" and _first_order.RECOMPUTE:

@@ -204,11 +204,50 @@ def test_compiled_step_agrees_with_eager(dtype):
 def test_estimator_compile_option_fits_like_eager():
     X, y = _tasks((15,))[0]
     eager = MetaBNNRegressor("renyi", max_iter=3, dtype="float32", **FAST).fit(X, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    calls = []
+    compiled_call = _compiled.CompiledStep.__call__
+
+    def counting(self, *args):
+        out = compiled_call(self, *args)
+        calls.append(out is not None)  # None: it fell back to the eager step
+        return out
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own compile-time notices
+        warnings.filterwarnings("error", message="compile=True")  # no fallback here
+        mp.setattr(_compiled.CompiledStep, "__call__", counting)
         comp = MetaBNNRegressor("renyi", max_iter=3, dtype="float32", compile=True,
                                 **FAST).fit(X, y)
+    assert calls == [True] * 3  # every step ran compiled
     assert comp.get_params()["compile"] is True
     for k, v in eager.variational_params_.items():
         np.testing.assert_allclose(comp.variational_params_[k].numpy(), v.numpy(),
                                    rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_step_sees_a_changed_global_of_the_users_log_density():
+    """Guards on the user's globals are kept: a changed module constant recompiles."""
+    from skmetavi import MetaDivergenceVI
+
+    namespace = {"SHIFT": 0.0}
+    exec("def log_joint(z, X, y):\n    return -0.5 * ((z - SHIFT) ** 2).sum(-1)", namespace)
+
+    def fit(compile):
+        est = MetaDivergenceVI(model=namespace["log_joint"], n_latent=1, n_particles=8,
+                               max_iter=50, inner_lr=0.1, inner_optimizer="adam",
+                               compile=compile, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("error", message="compile=True")
+            return float(est.fit(np.zeros((5, 1))).variational_params_["loc"][0, 0])
+
+    first = fit(True)
+    namespace["SHIFT"] = 3.0
+    assert fit(True) == pytest.approx(fit(False), abs=1e-10)
+    assert fit(True) - first > 2.5  # it followed the new constant (loc ~ 3.16)
+
+
+def test_recompile_limit_is_raised_for_the_step():
+    """One configuration per recompilation: dynamo's default of 8 would be reached in a grid."""
+    assert _compiled.RECOMPILE_LIMIT >= 32

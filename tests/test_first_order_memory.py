@@ -142,6 +142,30 @@ def test_a_captured_meta_parameter_is_found_and_differentiated(monkeypatch):
     assert float(grads[0][0].abs()) > 1e-6
 
 
+def test_a_learned_step_size_read_by_the_update_is_differentiated(monkeypatch):
+    """eta includes tensors the optimiser reads (a learned lr), next to the divergence's."""
+    def log_joint(z, X, y):
+        return -0.5 * z[:, 0] ** 2
+
+    problem = Problem(MeanFieldGaussian(1), CallableTarget(log_joint, 1))
+    tasks = pad_tasks([torch.zeros(2, 1, dtype=DT), torch.zeros(3, 1, dtype=DT)])
+    grads = []
+    for recompute in (True, False):
+        monkeypatch.setattr(_first_order, "RECOMPUTE", recompute)
+        lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+        div, opt = Renyi(0.6).to(DT), SGD(0.1)
+        opt.lr = lr
+        p0 = problem.family.init_params(2, loc=1.0, scale=1.5, dtype=DT, device="cpu")
+        p, _, _ = inner_loop(problem, div, opt, p0, opt.init(p0), tasks, n_steps=3,
+                             n_particles=8, generator=torch.Generator().manual_seed(2),
+                             mode="first_order")
+        J = (p["loc"] ** 2).sum()
+        grads.append(torch.autograd.grad(J, [lr, div.raw_alpha], allow_unused=True))
+    assert grads[0][0] is not None  # was dropped when the divergence had parameters
+    _assert_same(grads[0], grads[1])
+    assert float(grads[0][0].abs()) > 1e-3
+
+
 @pytest.mark.parametrize("divergence", [Renyi(0.7), LocalRenyi(0.7)], ids=["renyi", "local"])
 def test_bnn_minibatched_meta_gradient_equals_the_graph_keeping_one(monkeypatch, divergence):
     """A BNN (per-row likelihood), a minibatch of the rows, global and per-row (local) weights."""

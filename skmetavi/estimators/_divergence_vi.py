@@ -182,7 +182,9 @@ class MetaDivergenceVI(_BaseMetaVI):
         inductor's on-disk cache), which pays off only after thousands of
         steps.  Compiled code is cached per configuration: fits with the same
         shapes and dtype do not recompile, whatever their learning rate or
-        divergence parameters; another number of rows recompiles once.
+        divergence parameters; another number of rows recompiles once (a
+        method monkeypatched onto a class after a compiled fit is not seen:
+        ``torch._dynamo.reset()``).
         Falls back to the eager steps with a ``RuntimeWarning`` for what it
         does not cover (``batch_size``, local or path-derivative divergences)
         or if compiling fails.  :meth:`meta_fit`'s differentiable steps are
