@@ -57,17 +57,6 @@ def _unflatten(template, leaves):
     return _tree.tree_map(lambda _: next(it), template)
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 class _ExternalInputs(TorchFunctionMode):
     """Records the tensors requiring grad that ops read but that no op in the mode made."""
 
@@ -78,11 +67,11 @@ class _ExternalInputs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in _tensors((args, kwargs)):
+        for t in _tree.tree_leaves((args, kwargs)):
             if t.requires_grad and id(t) not in self.internal:
                 self.found.setdefault(id(t), t)
         out = func(*args, **kwargs)
-        for t in _tensors(out):
+        for t in _tree.tree_leaves(out):
             if t.requires_grad:  # only these are tested above
                 self.internal[id(t)] = t  # kept alive, so that no id is reused
         return out
