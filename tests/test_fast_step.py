@@ -246,8 +246,3 @@ def test_compiled_step_sees_a_changed_global_of_the_users_log_density():
     namespace["SHIFT"] = 3.0
     assert fit(True) == pytest.approx(fit(False), abs=1e-10)
     assert fit(True) - first > 2.5  # it followed the new constant (loc ~ 3.16)
-
-
-def test_recompile_limit_is_raised_for_the_step():
-    """One configuration per recompilation: dynamo's default of 8 would be reached in a grid."""
-    assert _compiled.RECOMPILE_LIMIT >= 32
