@@ -15,7 +15,7 @@ from skmetavi._implicit import implicit_meta_gradient
 from skmetavi._inner import NonFiniteError, finite_params, inner_loop
 from skmetavi._optim import Adam
 from skmetavi._strategies import LearnedInit, PersistentTaskParams
-from skmetavi._tasks import TaskNoise
+from skmetavi._tasks import TaskNoise, auto_task_chunk
 
 __all__ = ["MetaTrainer"]
 
@@ -65,6 +65,10 @@ class MetaTrainer:
         J is the mean of the meta-loss before the inner loop and after each of its
         steps (MAML++'s multi-step loss), not only after the last: a learned
         initialisation then also predicts well before and while it adapts.
+    task_chunk_size : int, "auto" or None, default=None
+        Tasks per chunk of an outer iteration (meta-gradients accumulated over
+        the chunks; the same result); ``"auto"``:
+        :func:`~skmetavi._tasks.auto_task_chunk`; None: all at once.
     process_group : torch.distributed group, default=None
         Shard the sampled tasks over the processes of an initialised group.
     """
@@ -120,6 +124,12 @@ class MetaTrainer:
         self.mode, self.truncate, self.batch_size = mode, truncate, batch_size
         self.generator, self.max_failures = generator, max_failures
         self.max_grad_norm = max_grad_norm
+        if task_chunk_size == "auto":
+            X = support.X
+            n_rows = X.shape[1] if batch_size is None else min(batch_size, X.shape[1])
+            task_chunk_size = auto_task_chunk(
+                model, min(n_tasks_per_batch, support.n_tasks), n_rows, X.shape[-1],
+                n_particles, dtype=X.dtype, device=X.device)
         self.task_chunk_size = task_chunk_size
         self.implicit_steps, self.implicit_tol = implicit_steps, implicit_tol
         self.implicit_damping = implicit_damping

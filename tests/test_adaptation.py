@@ -54,6 +54,28 @@ def test_task_chunks_give_the_same_copies():
                                    atol=1e-5)
 
 
+def test_auto_task_chunks_give_the_same_copies(monkeypatch):
+    from skmetavi import _tasks
+
+    est = MetaBNNRegressor("renyi", max_iter=3, task_chunk_size=None, **FAST)
+    data = _ragged_tasks()
+    whole = est._adapted_copies(data)
+    sizes = []
+    fit_tasks = MetaBNNRegressor._fit_tasks
+
+    def spy(self, part, *args, **kwargs):
+        sizes.append(len(part))
+        return fit_tasks(self, part, *args, **kwargs)
+
+    monkeypatch.setattr(MetaBNNRegressor, "_fit_tasks", spy)
+    monkeypatch.setattr(_tasks, "AUTO_CHUNK_BYTES", 1)  # one task per chunk
+    chunked = est.set_params(task_chunk_size="auto")._adapted_copies(data)
+    assert sizes == [1] * len(data)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a.predict(data[0][0]), b.predict(data[0][0]), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_batched_adaptation_of_a_vi_estimator():
     X, g = make_mog_tasks(5, random_state=0)
     est = MetaDivergenceVI("gaussian_mixture", divergence="renyi", inner_optimizer="sgd",

@@ -689,7 +689,8 @@ ENGINE_INTERNALS = {
     "path",
     sorted((PACKAGE_DIR / "experiments").glob("*.py"))
     + [PACKAGE_DIR.parent / "benchmarks" / "run.py",
-       PACKAGE_DIR.parent / "benchmarks" / "real_tasks.py"],
+       PACKAGE_DIR.parent / "benchmarks" / "real_tasks.py",
+       PACKAGE_DIR.parent / "benchmarks" / "meta_compile.py"],
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_experiments_and_benchmarks_use_the_estimators_not_the_engine(path):

@@ -119,3 +119,76 @@ def test_torch_distributed_two_processes_equal_single_process(which, tmp_path):
     np.testing.assert_allclose(got["curve"].numpy(), single.meta_loss_curve_, rtol=1e-6)
     for k, v in single.meta_divergence_.state_dict().items():
         torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------- task_chunk_size="auto"
+def _bnn_model(hidden=(50, 50)):
+    from skmetavi.models import BNNRegression, GlobalLatent
+
+    target = BNNRegression(hidden, likelihood="homoskedastic")
+    return GlobalLatent(MeanFieldGaussian(target.n_latent(1)), target)
+
+
+@pytest.mark.parametrize(
+    "n_rows, dtype, device, expected",
+    [
+        (1000, torch.float32, "cpu", 4),  # 10 x 1000 x 50 float32 = 2 MB per task: 8 MiB / 2 MB
+        (1000, torch.float64, "cpu", 2),
+        (2000, torch.float32, "cpu", 2),
+        (500, torch.float32, "cpu", 8),
+        (40, torch.float32, "cpu", None),  # 16 tasks fit in one chunk: all at once
+        (1000, torch.float32, "cuda", None),  # an accelerator wants large batches
+    ],
+)
+def test_auto_task_chunk_sizes_chunks_from_the_widest_activation(n_rows, dtype, device, expected):
+    from skmetavi._tasks import auto_task_chunk
+
+    got = auto_task_chunk(_bnn_model(), 16, n_rows, 1, 10, dtype=dtype, device=device)
+    assert got == expected
+
+
+def test_auto_task_chunk_counts_the_particles_when_they_are_the_widest():
+    from skmetavi._tasks import AUTO_CHUNK_BYTES, auto_task_chunk
+
+    model = _bnn_model(hidden=(400, 400))  # 161 201 weights per particle > 10 rows x 400
+    per_task = 10 * model.n_latent * 4
+    assert auto_task_chunk(model, 64, 10, 1, 10, dtype=torch.float32,
+                           device="cpu") == AUTO_CHUNK_BYTES // per_task
+
+
+def test_auto_task_chunk_is_off_for_models_that_do_not_tell_their_size():
+    from skmetavi._tasks import auto_task_chunk
+
+    problem = Problem(MeanFieldGaussian(1), GaussianMixture1D())
+    assert problem.elements_per_task(1000, 3, 10) is None
+    assert auto_task_chunk(problem, 16, 10**6, 3, 10, dtype=DT, device="cpu") is None
+    assert auto_task_chunk(object(), 16, 10**6, 3, 10, dtype=DT, device="cpu") is None
+
+
+def test_auto_chunked_meta_fit_equals_the_whole_batch(monkeypatch):
+    """A small budget forces chunks of one task: the same meta-fit as all tasks at once."""
+    from skmetavi import MetaBNNRegressor, _tasks
+    from skmetavi.datasets import make_sinusoid_tasks
+
+    X, y, g = make_sinusoid_tasks(4, 20, random_state=0)
+    fits, calls = {}, []
+    step = MetaTrainer._tasks_step
+
+    def counted(self, task_ids, *args):
+        calls.append(task_ids.numel())
+        return step(self, task_ids, *args)
+
+    monkeypatch.setattr(MetaTrainer, "_tasks_step", counted)
+    for chunk in (None, "auto"):
+        if chunk == "auto":
+            monkeypatch.setattr(_tasks, "AUTO_CHUNK_BYTES", 1)
+        est = MetaBNNRegressor(Renyi(0.7), hidden_layer_sizes=(8,), n_particles=4,
+                               max_meta_iter=3, n_inner_steps=2, n_tasks_per_batch=4,
+                               task_chunk_size=chunk, dtype="float64", random_state=0)
+        fits[chunk] = est.meta_fit(X, y, groups=g)
+    assert calls == [4] * 3 + [1] * 12  # 3 outer iterations: whole, then one task per chunk
+    np.testing.assert_allclose(fits["auto"].meta_loss_curve_, fits[None].meta_loss_curve_,
+                               rtol=1e-10)
+    alphas = [fits[c].meta_divergence_.alpha for c in ("auto", None)]
+    assert alphas[0] != pytest.approx(0.7)  # alpha was learned
+    np.testing.assert_allclose(alphas[0], alphas[1], rtol=1e-10)

@@ -28,7 +28,7 @@ from skmetavi import _checkpoint, _torch, _tree
 from skmetavi._bilevel import GRADIENT_MODES, VIRun
 from skmetavi._inner import check_local_divergence
 from skmetavi._optim import INNER_OPTIMIZERS, make_optimizer
-from skmetavi._tasks import TaskGenerators, pad_tasks
+from skmetavi._tasks import TaskGenerators, auto_task_chunk, pad_tasks
 from skmetavi._validation import _check_random_state, check_groups
 from skmetavi.divergences import DIVERGENCE_NAMES, Divergence, make_divergence
 from skmetavi.exceptions import NoMetaLearningWarning, _warn_at_caller
@@ -111,7 +111,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         "multi_step_loss": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither"), None],
         "validation_interval": [Interval(Integral, 1, None, closed="left"), None],
-        "task_chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "task_chunk_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}),
+                            None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "dtype": [StrOptions({"float32", "float64"})],
         "device": [str, HasMethods(["type"])],
@@ -533,7 +534,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             copies.append(est)
         rngs = [_check_random_state(copy.deepcopy(rs)) for rs in random_states]
         # task_chunk_size bounds memory here as in meta_fit (results do not change).
-        chunk = self.task_chunk_size or len(data)
+        chunk = copies[0]._task_chunk(validated) if copies else None
+        chunk = chunk or len(data)
         for start in range(0, len(data), chunk):
             part = slice(start, start + chunk)
             states, interrupted = self._fit_tasks(validated[part], rngs[part],
@@ -543,6 +545,17 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             for est, state in zip(copies[part], states):
                 est._set_fitted(state)
         return copies
+
+    def _task_chunk(self, data):
+        """``task_chunk_size`` for adapting to the validated tasks ``data``, ``"auto"`` resolved."""
+        if self.task_chunk_size != "auto":
+            return self.task_chunk_size
+        n_features = data[0][0].shape[1]
+        n_rows = max(X.shape[0] for X, _ in data)
+        if self.batch_size is not None:
+            n_rows = min(n_rows, self.batch_size)
+        return auto_task_chunk(self._model(n_features), len(data), n_rows, n_features,
+                               self.n_particles, dtype=self._dtype, device=self._device)
 
     def _start_params(self, model, tasks, generators, warm):
         """Starting q of every task: the previous fit, the learned init, or fresh draws."""

@@ -197,11 +197,15 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         initialisation (separately) before each outer Adam step; None disables
         clipping.  Unrolled inner loops occasionally produce huge
         meta-gradients that derail meta-training (as in MAML).
-    task_chunk_size : int, default=None
-        Process the tasks of an outer iteration in chunks of this many,
-        accumulating meta-gradients, to bound memory; the result is the same
-        as without chunking (the noise of each task does not depend on the
-        split).  All at once if None.
+    task_chunk_size : int, "auto" or None, default="auto"
+        Process the tasks of an outer iteration (and of a batched adaptation)
+        in chunks of this many, accumulating meta-gradients, to bound memory;
+        the result is the same as without chunking (the noise of each task
+        does not depend on the split).  ``"auto"``: on the CPU, chunks whose
+        largest intermediate (a network's activations for all particles) is
+        about 8 MiB, which keeps large tasks in the caches (measured up to
+        2.3x faster than all tasks at once); all at once on an accelerator or
+        for a model that does not tell its size.  None: all at once.
     query_fraction : float, default=0.5
         Held-out fraction of each training task's rows (its rows are
         observations): the meta-loss, built-in or callable, is evaluated on
@@ -372,7 +376,7 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         validation_fraction=None,
         validation_interval=None,
         max_grad_norm=1.0,
-        task_chunk_size=None,
+        task_chunk_size="auto",
         query_fraction=0.5,
         dtype="float32",
         device="cpu",

@@ -155,11 +155,15 @@ class MetaDivergenceVI(_BaseMetaVI):
         initialisation (separately) before each outer Adam step; None disables
         clipping.  Unrolled inner loops occasionally produce huge
         meta-gradients that derail meta-training (as in MAML).
-    task_chunk_size : int, default=None
-        Process the tasks of an outer iteration in chunks of this many,
-        accumulating meta-gradients, to bound memory; the result is the same
-        as without chunking (the noise of each task does not depend on the
-        split).  All at once if None.
+    task_chunk_size : int, "auto" or None, default="auto"
+        Process the tasks of an outer iteration (and of a batched adaptation)
+        in chunks of this many, accumulating meta-gradients, to bound memory;
+        the result is the same as without chunking (the noise of each task
+        does not depend on the split).  ``"auto"``: on the CPU, chunks whose
+        largest intermediate (a network's activations for all particles) is
+        about 8 MiB, which keeps large tasks in the caches (measured up to
+        2.3x faster than all tasks at once); all at once on an accelerator or
+        for a model that does not tell its size.  None: all at once.
     query_fraction : float, default=0.5
         Fraction of each training task's rows held out as query rows, on which
         the meta-loss is evaluated after the inner loop has adapted q to the
@@ -354,7 +358,7 @@ class MetaDivergenceVI(_BaseMetaVI):
         validation_fraction=None,
         validation_interval=None,
         max_grad_norm=None,
-        task_chunk_size=None,
+        task_chunk_size="auto",
         query_fraction=0.5,
         batch_size=None,
         compile=False,

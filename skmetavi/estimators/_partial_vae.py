@@ -141,8 +141,10 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         Outer iterations between meta-validations.
     max_grad_norm : float, default=None
         Clip the meta-gradients' norm.
-    task_chunk_size : int, default=None
+    task_chunk_size : int, "auto" or None, default="auto"
         Tasks processed at once (bounds memory; results do not change).
+        ``"auto"``: chunks sized from the model on the CPU where it tells its
+        size, else all at once (:class:`MetaBNNRegressor`); None: all at once.
     n_score_samples : int, default=500
         Samples of z per user of :meth:`score_samples`.
     n_predict_samples : int, default=50
@@ -300,7 +302,7 @@ class MetaPartialVAE(OneToOneFeatureMixin, TransformerMixin, _BaseMetaVI):
         validation_fraction=None,
         validation_interval=None,
         max_grad_norm=None,
-        task_chunk_size=None,
+        task_chunk_size="auto",
         n_score_samples=500,
         n_predict_samples=50,
         dtype="float32",

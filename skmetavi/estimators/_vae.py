@@ -170,8 +170,10 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         Outer iterations between meta-validations (``max_meta_iter // 10``).
     max_grad_norm : float, default=None
         Clip the meta-gradients' norm.
-    task_chunk_size : int, default=None
+    task_chunk_size : int, "auto" or None, default="auto"
         Tasks processed at once (bounds memory; results do not change).
+        ``"auto"``: chunks sized from the model on the CPU where it tells its
+        size, else all at once (:class:`MetaBNNRegressor`); None: all at once.
     query_fraction : float, default=0.5
         Fraction of each training task's rows held out for the meta-loss
         (amortised inference; a factorised q exists only for the rows it was
@@ -344,7 +346,7 @@ class MetaVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, DensityMixin, _
         validation_fraction=None,
         validation_interval=None,
         max_grad_norm=None,
-        task_chunk_size=None,
+        task_chunk_size="auto",
         query_fraction=0.5,
         n_score_samples=5000,
         local_max_iter=300,

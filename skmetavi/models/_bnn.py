@@ -151,6 +151,10 @@ class BNNRegression(_GaussianRegressionHead, Target):
     def n_latent(self, n_features):
         return sum(i * o + o for i, o in self.layer_shapes(n_features))
 
+    def elements_per_particle(self, n_rows, n_features):
+        # The widest layer's activations (the inputs are broadcast to every particle too).
+        return n_rows * max(n_features, *self.hidden_layer_sizes, self.n_outputs)
+
     def init_loc(self, n_tasks, n_features, *, generator, dtype, device):
         """Random initial means of q: He-scaled weights, zero biases, small output head.
 

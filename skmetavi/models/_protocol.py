@@ -250,6 +250,29 @@ class LatentModel:
         """
         raise NotImplementedError
 
+    def elements_per_task(self, n_rows, n_features, n_particles) -> Optional[int]:
+        """Return the size of the largest intermediate tensor of one task's :meth:`log_p`.
+
+        Sizes the chunks of ``task_chunk_size="auto"``
+        (:func:`skmetavi._tasks.auto_task_chunk`); None (the default) when unknown,
+        and then all tasks are processed at once.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows of the task (or of its minibatch).
+        n_features : int
+            Columns of ``X``.
+        n_particles : int
+            Particles K.
+
+        Returns
+        -------
+        n_elements : int or None
+            The size, or None.
+        """
+        return None
+
     def site_weights(self, tasks) -> Optional[torch.Tensor]:
         """Return the weight of each site's term in the task's objective.
 
@@ -383,6 +406,27 @@ class GlobalLatent(LatentModel):
 
     def site_weights(self, tasks):
         return None  # one site, weight one: the minibatch scale is inside log_joint
+
+    def elements_per_task(self, n_rows, n_features, n_particles):
+        """Return K times the larger of the particle and ``target.elements_per_particle``.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows of the task.
+        n_features : int
+            Columns of ``X``.
+        n_particles : int
+            Particles K.
+
+        Returns
+        -------
+        n_elements : int or None
+            None when the target does not tell its size.
+        """
+        per_particle = getattr(self.target, "elements_per_particle", None)
+        n = per_particle(n_rows, n_features) if per_particle is not None else None
+        return None if n is None else n_particles * max(int(n), self.n_latent)
 
     def log_likelihood(self, params, tasks, z):
         """Per-row log-likelihood ``log p(y_n | x_n, z)``, shape (M, 1, K, n_rows).

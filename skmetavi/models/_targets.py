@@ -217,6 +217,26 @@ class Target(ParamsMixin):
         log_lik = torch.where(tasks.mask.unsqueeze(1), log_lik, torch.zeros_like(log_lik))
         return self.log_prior(z, params) + tasks.lik_scale.unsqueeze(-1) * log_lik.sum(-1)
 
+    def elements_per_particle(self, n_rows: int, n_features: int):
+        """Return the size of the largest intermediate tensor of one particle's log joint.
+
+        Sizes ``task_chunk_size="auto"`` (a network's widest activation: rows
+        times width); None (the default) when unknown.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows of the task.
+        n_features : int
+            Columns of ``X``.
+
+        Returns
+        -------
+        n_elements : int or None
+            The size, or None.
+        """
+        return None
+
     def quadrature_range(self, tasks: TaskBatch):
         """Return an interval ``(low, high)`` covering the target's mass, for 1-D quadrature.
 
