@@ -22,11 +22,12 @@ __all__ = [
 ]
 
 #: The size of one chunk's largest intermediate tensor that ``task_chunk_size="auto"`` aims
-#: at on the CPU.  Measured (1-50-50-1 BNN, K = 10, M = 16, B = 5, 2-core AMD EPYC): the
-#: fastest meta-iteration had 2-3 million float32 elements in its (K, rows, width)
-#: activations at every task size (chunks of 8 at 500 rows, 4 at 1000, 2 at 2000: up to
-#: 2.3x faster than all 16 tasks at once, whose activations overflow the caches and go
-#: through fresh pages).
+#: at on the CPU.  Measured (1-50-50-1 BNN, K = 10, M = 16, B = 5, support rows per task;
+#: benchmarks/README.md): on a 2-core AMD EPYC the fastest chunks held 2-4 million float32
+#: activations at every task size (8 tasks at 500 rows, 4 at 1000, 2 at 2000: 1.1x, 1.2x and
+#: 2.4x faster than all 16 at once, whose activations overflow the caches and go through
+#: fresh pages); on a 2-core Intel Xeon chunks of 2-8 were within 5 % of each other at 1000
+#: rows (1.5x over all at once) and 2-4 best at 2000 (3.7x).
 AUTO_CHUNK_BYTES = 8 * 2**20
 
 
@@ -246,16 +247,13 @@ class TaskNoise:
     n_total : int
         Number of tasks in the whole batch.
     rows : torch.Tensor or slice
-        The tasks of this shard.
+        The tasks of this shard (``slice(None)``: all, without copying the draws).
     fixed : bool, default=False
         Return the same numbers at every draw (deterministic inner problems:
         implicit meta-gradients and their tests).
     """
 
     def __init__(self, seed: int, n_total: int, rows, fixed: bool = False):
-        if (isinstance(rows, torch.Tensor) and rows.numel() == n_total
-                and bool((rows.cpu() == torch.arange(n_total)).all())):
-            rows = slice(None)  # the whole batch: keep the draws as they are, no copy
         self.seed, self.n_total, self.rows, self.fixed = int(seed), int(n_total), rows, fixed
         self.counter = 0
 

@@ -125,8 +125,11 @@ class MetaTrainer:
         self.generator, self.max_failures = generator, max_failures
         self.max_grad_norm = max_grad_norm
         if task_chunk_size == "auto":
+            # The widest of the inner steps (support rows, or their minibatch) and the
+            # meta-loss (all query rows).
             X = support.X
-            n_rows = X.shape[1] if batch_size is None else min(batch_size, X.shape[1])
+            n_rows = max(X.shape[1] if batch_size is None else min(batch_size, X.shape[1]),
+                         query.X.shape[1])
             task_chunk_size = auto_task_chunk(
                 model, min(n_tasks_per_batch, support.n_tasks), n_rows, X.shape[-1],
                 n_particles, dtype=X.dtype, device=X.device)
@@ -211,8 +214,10 @@ class MetaTrainer:
         # takes part in every reduction below.
         for part in rows.split(chunk) if rows.numel() else ():
             ids = idx[part].to(device)
+            # The whole batch in one chunk: the noise needs no row selection (no copy).
+            rows_of = slice(None) if part.numel() == M else part.to(device)
             J_sum, new_params, new_state, part_ok, inner = self._tasks_step(
-                ids, seed, M, part.to(device))
+                ids, seed, M, rows_of)
             J_total += J_sum
             inner_total += inner
             ok = ok and part_ok

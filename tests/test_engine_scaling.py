@@ -192,3 +192,29 @@ def test_auto_chunked_meta_fit_equals_the_whole_batch(monkeypatch):
     alphas = [fits[c].meta_divergence_.alpha for c in ("auto", None)]
     assert alphas[0] != pytest.approx(0.7)  # alpha was learned
     np.testing.assert_allclose(alphas[0], alphas[1], rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "rows, settings, expected",
+    [
+        # 2 x 1000 support/query rows, K = 10, width 50, float32: 2 MB per task -> 4 per chunk
+        (2000, {}, 4),
+        # the meta-loss's 1800 query rows count, not only the 200 support rows
+        (2000, {"query_fraction": 0.9}, 2),
+        # a support minibatch of 32 rows: the 1000 query rows still count
+        (2000, {"batch_size": 32}, 4),
+        (80, {}, None),  # 16 small tasks: one chunk
+    ],
+)
+def test_meta_fit_resolves_auto_chunks_from_the_widest_rows(rows, settings, expected):
+    from skmetavi import MetaBNNRegressor
+    from skmetavi.datasets import make_sinusoid_tasks
+
+    X, y, g = make_sinusoid_tasks(16, rows, random_state=0)
+    est = MetaBNNRegressor(Renyi(0.7), hidden_layer_sizes=(50, 50), n_particles=10,
+                           n_tasks_per_batch=16, random_state=0, **settings)
+    assert est.task_chunk_size == "auto"  # the default
+    est._setup_torch()
+    _, _, _, (model, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
+    trainer = est._meta_trainer(model, support, query, gen, est._meta_divergence(False))
+    assert trainer.task_chunk_size == expected

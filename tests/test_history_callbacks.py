@@ -279,6 +279,17 @@ def test_fit_blow_up_warns(sinusoid):
     # converged on another, where 0.01 blew up).
     from skmetavi._optim import SGD
 
+    seen = []
+    warn = MetaBNNRegressor._warn_blow_up
+
+    def spy(self, curves, optimizer):
+        seen.append((optimizer.name, optimizer.lr))
+        return warn(self, curves, optimizer)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MetaBNNRegressor, "_warn_blow_up", spy)
+        MetaBNNRegressor(inner_optimizer="sgd", inner_lr=1e-3, random_state=0).fit(*sinusoid)
+    assert seen == [("sgd", 1e-3)]  # fit asks with its own optimiser
     curve = np.r_[968.4, np.full(99, 3.1e6)]
     with pytest.warns(ConvergenceWarning, match=r"968.4 at the first iteration to 3.1e\+06.*"
                       r"lower inner_lr \(now 0.03\) or use inner_optimizer='adam'"):

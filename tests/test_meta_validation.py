@@ -88,3 +88,28 @@ def test_validation_fraction_leaving_too_few_tasks_is_refused():
     with pytest.raises(ValueError, match=r"validation_fraction=0.5 holds out 2 of the 3 tasks, "
                                          r"leaving 1 to meta-train on"):
         MetaDivergenceVI(**MOG, validation_fraction=0.5).meta_fit(X, groups=g)
+
+
+def test_meta_validation_adapts_in_task_chunks_with_the_same_scores(monkeypatch):
+    """task_chunk_size also chunks meta-validation's adaptations; the scores do not change."""
+    from skmetavi import _tasks
+
+    X, y, g = make_sinusoid_tasks(8, 30, random_state=0)
+    sizes, fit_tasks = [], MetaBNNRegressor._fit_tasks
+
+    def spy(self, data, *args, **kwargs):
+        sizes.append(len(data))
+        return fit_tasks(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(MetaBNNRegressor, "_fit_tasks", spy)
+    scores = {}
+    for chunk in (None, "auto"):
+        if chunk == "auto":
+            monkeypatch.setattr(_tasks, "AUTO_CHUNK_BYTES", 1)  # one task per chunk
+        sizes.clear()
+        est = MetaBNNRegressor("renyi", hidden_layer_sizes=(8,), n_particles=4, max_iter=5,
+                               max_meta_iter=2, n_inner_steps=2, validation_fraction=0.25,
+                               validation_interval=1, task_chunk_size=chunk, random_state=0)
+        scores[chunk] = est.meta_fit(X, y, groups=g).validation_scores_
+        assert sizes and set(sizes) == ({1} if chunk == "auto" else {2})  # 2 validation tasks
+    np.testing.assert_allclose(scores["auto"], scores[None], rtol=1e-5)

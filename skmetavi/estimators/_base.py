@@ -550,6 +550,8 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         """``task_chunk_size`` for adapting to the validated tasks ``data``, ``"auto"`` resolved."""
         if self.task_chunk_size != "auto":
             return self.task_chunk_size
+        if torch.device(self._device).type != "cpu":
+            return None  # before building a model only to be told so
         n_features = data[0][0].shape[1]
         n_rows = max(X.shape[0] for X, _ in data)
         if self.batch_size is not None:

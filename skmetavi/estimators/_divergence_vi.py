@@ -159,11 +159,11 @@ class MetaDivergenceVI(_BaseMetaVI):
         Process the tasks of an outer iteration (and of a batched adaptation)
         in chunks of this many, accumulating meta-gradients, to bound memory;
         the result is the same as without chunking (the noise of each task
-        does not depend on the split).  ``"auto"``: on the CPU, chunks whose
-        largest intermediate (a network's activations for all particles) is
-        about 8 MiB, which keeps large tasks in the caches (measured up to
-        2.3x faster than all tasks at once); all at once on an accelerator or
-        for a model that does not tell its size.  None: all at once.
+        does not depend on the split).  ``"auto"``: on the CPU, chunks sized
+        from the model where it reports the size of its intermediates (as
+        :class:`MetaBNNRegressor`'s network does; the built-in targets here
+        do not, so they run all at once); all at once on an accelerator.
+        None: all at once.
     query_fraction : float, default=0.5
         Fraction of each training task's rows held out as query rows, on which
         the meta-loss is evaluated after the inner loop has adapted q to the
