@@ -533,18 +533,31 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
             validated.append(est._validate_task_data(X, y, reset=True))
             copies.append(est)
         rngs = [_check_random_state(copy.deepcopy(rs)) for rs in random_states]
-        # task_chunk_size bounds memory here as in meta_fit (results do not change).
-        chunk = copies[0]._task_chunk(validated) if copies else None
-        chunk = chunk or len(data)
+        states = self._fit_tasks_in_chunks(validated, rngs, estimators=copies)
+        for est, state in zip(copies, states):
+            est._set_fitted(state)
+        return copies
+
+    def _fit_tasks_in_chunks(self, data, rngs, *, estimators=None, quiet=False):
+        """:meth:`_fit_tasks`, ``task_chunk_size`` tasks at a time; the fitted states.
+
+        A task's result does not depend on the others, so chunking bounds
+        memory (and keeps large tasks in the caches) without changing it.
+        ``KeyboardInterrupt`` if the adaptation was interrupted.
+        """
+        if not data:
+            return []
+        chunk = self._task_chunk(data) or len(data)
+        states = []
         for start in range(0, len(data), chunk):
             part = slice(start, start + chunk)
-            states, interrupted = self._fit_tasks(validated[part], rngs[part],
-                                                  estimators=copies[part])
+            got, interrupted = self._fit_tasks(
+                data[part], rngs[part], quiet=quiet,
+                estimators=None if estimators is None else estimators[part])
             if interrupted:
                 raise KeyboardInterrupt
-            for est, state in zip(copies[part], states):
-                est._set_fitted(state)
-        return copies
+            states += got
+        return states
 
     def _task_chunk(self, data):
         """``task_chunk_size`` for adapting to the validated tasks ``data``, ``"auto"`` resolved."""

@@ -62,16 +62,8 @@ class MetaValidation:
         est = self._candidate(divergence, init)
         rngs = [np.random.RandomState((self.seed + m) % (2**32)) for m in range(len(self.tasks))]
         data = [(Xs, ys) for Xs, ys, _, _ in self.tasks]
-        # Internal adaptations: no progress bar, no user callbacks, no divergence warning;
-        # task_chunk_size tasks at a time (a task's result does not depend on the others).
-        chunk = est._task_chunk(data) or len(data)
-        states = []
-        for start in range(0, len(data), chunk):
-            part, interrupted = est._fit_tasks(data[start:start + chunk],
-                                               rngs[start:start + chunk], quiet=True)
-            if interrupted:
-                raise KeyboardInterrupt
-            states += part
+        # Internal adaptations: no progress bar, no user callbacks, no divergence warning.
+        states = est._fit_tasks_in_chunks(data, rngs, quiet=True)
         values = []
         for state, (_, _, Xq, yq) in zip(states, self.tasks):
             fitted = copy.copy(est)
