@@ -1,9 +1,10 @@
 """Probe: one BNN meta-iteration under ``torch.compile`` over ``torch.func``, against eager.
 
 The question (issue 15, goal 3): does compiling the double backward of a
-meta-iteration pay, and how long does it compile?  The engine's meta-iteration
-is not compiled (``compile=True`` covers plain ``fit`` only); this script writes
-the benchmark's meta-iteration as one pure function and times it:
+meta-iteration pay, and how long does it compile?  This script writes the
+benchmark's meta-iteration as one pure function and times it (the probe that led
+to the engine's ``compile="meta_fit"``, :mod:`skmetavi._compiled_meta`, which
+``benchmarks/run.py --only batched`` times):
 
 - the 1-50-50-1 ReLU BNN of ``benchmarks/run.py`` (2701 weights, N(0, 1) prior,
   homoskedastic noise ``softplus(log_noise) + 1e-3`` learned per task), mean-field

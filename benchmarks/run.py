@@ -41,7 +41,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -480,12 +482,15 @@ def bench_peers(n_points=(1000, 40), n_rep=100, contenders=PEERS):
 
 
 # ------------------------------------------------------------------- 2
-def _meta_trainers(n_tasks, n_points, M, seed=0, **model):
-    """Meta-training (Algorithm 1, B = 5, K = 10) of M tasks at once, and of each task alone."""
+def _meta_trainers(n_tasks, n_points, M, seed=0, compile=False, **model):
+    """Meta-training (Algorithm 1, B = 5, K = 10) of M tasks at once, and of each task alone.
+
+    ``compile="meta_fit"``: the trainers compile their meta-iterations.
+    """
     # 2 n_points rows per task: n_points support rows, n_points query rows.
     X, y, g = make_sinusoid_tasks(n_tasks, 2 * n_points, random_state=seed)
     est = MetaBNNRegressor(Renyi(1.0), **(model or BNN2), **SETTINGS, n_inner_steps=5,
-                           n_tasks_per_batch=M, query_fraction=0.5)
+                           n_tasks_per_batch=M, query_fraction=0.5, compile=compile)
     est._setup_torch()
     _, _, _, (bnn, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
     batched = est._meta_trainer(bnn, support, query, gen, est._meta_divergence(False))
@@ -497,18 +502,70 @@ def _meta_trainers(n_tasks, n_points, M, seed=0, **model):
     return batched, singles
 
 
-def bench_batched(n_points, M=16, n_rep=5):
-    """One meta-iteration (B=5) for M tasks at once vs one task at a time."""
+def bench_batched(n_points, M=16, n_rep=5, compiled=True):
+    """One meta-iteration (B=5) for M tasks at once vs one task at a time, eager and compiled.
+
+    ``ratio`` compares the eager batched iteration with the eager per-task loop;
+    with ``compiled``, ``compiled_ratio`` compares the compiled batched
+    iteration (``compile="meta_fit"``) with the same eager loop, and
+    ``compiled_ratio_vs_compiled_loop`` with a loop of compiled single-task
+    iterations.  The compiled cells run in a fresh process each, with a cold
+    inductor cache (``compile_s``: the first call minus a steady one), so that
+    the compiler's memory and worker threads do not slow the eager cells.
+    """
     batched, singles = _meta_trainers(M, n_points, M)
-
-    def loop():
-        for tr in singles:
-            tr.step()
-
     t_b = _median_time(batched.step, n_rep, n_warmup=1)
-    t_l = _median_time(loop, n_rep, n_warmup=1)
+    t_l = _median_time(_loop(singles), n_rep, n_warmup=1)
     goal = 6.0 if n_points <= 40 else 1.3
-    return {"N": n_points, "batched_s": t_b, "loop_s": t_l, "ratio": t_l / t_b, "goal": goal}
+    out = {"N": n_points, "batched_s": t_b, "loop_s": t_l, "ratio": t_l / t_b, "goal": goal,
+           "task_chunk_size": batched.task_chunk_size}
+    if not compiled:
+        return out
+    cells = {}
+    for variant in ("batched", "loop"):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--compiled-cell", variant,
+                 str(n_points), str(M), str(n_rep)],
+                env=env, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            out[f"compiled_{variant}_error"] = proc.stderr.strip().splitlines()[-1:]
+            return out
+        cells[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    t_cb, t_cl = cells["batched"]["median_s"], cells["loop"]["median_s"]
+    out.update({"compiled_batched_s": t_cb, "compiled_loop_s": t_cl,
+                "compiled_ratio": t_l / t_cb, "compiled_ratio_vs_compiled_loop": t_cl / t_cb,
+                "compile_s": {v: c["first_s"] - c["median_s"] for v, c in cells.items()},
+                "compiled_fell_back": any(c["fell_back"] for c in cells.values())})
+    return out
+
+
+def _loop(trainers):
+    def run():
+        for tr in trainers:
+            tr.step()
+    return run
+
+
+def _compiled_cell(variant, n_points, M, n_rep):
+    """One compiled cell of :func:`bench_batched`, in this (fresh) process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's compile-time notices
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        batched, singles = _meta_trainers(M, n_points, M, compile="meta_fit")
+        trainers = [batched] if variant == "batched" else singles
+        fn = batched.step if variant == "batched" else _loop(singles)
+        first = _first_call(fn)
+        median = _median_time(fn, n_rep, n_warmup=1)
+    return {"first_s": first, "median_s": median,
+            "fell_back": any(t._compiled is None for t in trainers)}
+
+
+def _first_call(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 # ------------------------------------------------------------------- 3
@@ -691,7 +748,12 @@ def main(argv=None):
                         help=f"comma-separated contenders of benchmark 1 (default: all of "
                              f"{','.join(PEERS)})")
     parser.add_argument("--sizes", default="1000,40", help="N of benchmarks 1 and ours")
+    parser.add_argument("--compiled-cell", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compiled_cell:
+        variant, n_points, M, n_rep = args.compiled_cell
+        print(json.dumps(_compiled_cell(variant, int(n_points), int(M), int(n_rep))))
+        return None
     sel = set(args.only or ["peers", "batched", "memory", "flops", "vae"])
     if "pyro" in sel:  # the old name of benchmark 1
         sel = (sel - {"pyro"}) | {"peers"}

@@ -47,7 +47,7 @@ from skmetavi._inner import StepStats, _finite_tasks
 from skmetavi._optim import SGD, Adam
 from skmetavi.models._protocol import GlobalLatent
 
-__all__ = ["CompiledStep", "unsupported_reason"]
+__all__ = ["CompiledStep", "TensorLR", "describe_failure", "unsupported_reason"]
 
 
 def unsupported_reason(model, divergence, optimizer, tasks, batch_size):
@@ -134,6 +134,41 @@ def _get_compiled():
     return _compiled_step
 
 
+class TensorLR:
+    """Hand out a copy of an optimiser whose ``lr`` is a 0-d tensor (an input, not a constant).
+
+    A float ``lr`` would be baked into a compiled graph and recompile for
+    every learning rate (a grid search over ``inner_lr``); as a tensor of the
+    parameters' dtype it gives the same products bit for bit (a Python
+    scalar is rounded to that dtype as well).  A changed ``optimizer.lr`` (a
+    schedule) is followed.
+    """
+
+    def __init__(self, optimizer):
+        self.source = optimizer
+        self._traced, self._lr = None, None
+
+    def optimizer(self, ref):
+        """Return the copy, its ``lr`` a tensor of ``ref``'s dtype and device."""
+        lr = float(self.source.lr)
+        if self._traced is None:
+            opt = copy.copy(self.source)
+            opt.lr = torch.tensor(lr, dtype=ref.dtype, device=ref.device)
+            self._traced, self._lr = opt, lr
+        elif lr != self._lr:
+            self._traced.lr.fill_(lr)
+            self._lr = lr
+        return self._traced
+
+
+def describe_failure(exc):
+    """Say why compiling failed, in a clause for a warning."""
+    if "RecompileLimit" in type(exc).__name__:
+        return (f"this process has already compiled it for {RECOMPILE_LIMIT} "
+                "configurations (model, divergence class, dtype, particles, ...)")
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 class CompiledStep:
     """The compiled plain step of a :class:`~skmetavi._inner.VIRun`.
 
@@ -148,41 +183,18 @@ class CompiledStep:
     def __init__(self, model, divergence, optimizer, tasks):
         self.model, self.divergence, self.optimizer, self.tasks = model, divergence, optimizer, tasks
         self.failed = False
-        self._traced_optimizer, self._lr = None, None
-
-    def _optimizer_for(self, ref):
-        """A copy of the optimiser whose ``lr`` is a 0-d tensor (an input, not a constant).
-
-        A float ``lr`` would be baked into the graph and recompile for every
-        learning rate (a grid search over ``inner_lr``); as a tensor of the
-        parameters' dtype it gives the same products bit for bit (a Python
-        scalar is rounded to that dtype as well).
-        """
-        lr = float(self.optimizer.lr)
-        if self._traced_optimizer is None:
-            opt = copy.copy(self.optimizer)
-            opt.lr = torch.tensor(lr, dtype=ref.dtype, device=ref.device)
-            self._traced_optimizer, self._lr = opt, lr
-        elif lr != self._lr:  # a schedule changed the run's learning rate: follow it
-            self._traced_optimizer.lr.fill_(lr)
-            self._lr = lr
-        return self._traced_optimizer
+        self._lr = TensorLR(optimizer)
 
     def __call__(self, params, state, eps):
         try:
-            optimizer = self._optimizer_for(eps)
+            optimizer = self._lr.optimizer(eps)
             with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 new, new_state, bound, finite = _get_compiled()(
                     self.model, self.divergence, optimizer, params, state, self.tasks, eps
                 )
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
-            if "RecompileLimit" in type(exc).__name__:
-                why = (f"this process has already compiled the step for {RECOMPILE_LIMIT} "
-                       "configurations (model, divergence class, dtype, particles, ...)")
-            else:
-                why = (f"{type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            why = describe_failure(exc)
             warnings.warn(
                 f"compile=True: the compiled inner step failed ({why}); continuing with the "
                 "eager step.",

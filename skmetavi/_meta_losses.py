@@ -80,9 +80,13 @@ class PredictiveNLL:
                 "NegativeEvidence for models with one latent per row."
             )
         eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
+        return self.evaluate(model, params, tasks, eps)
+
+    def evaluate(self, model, params, tasks, eps):
+        """Compute the loss (M,) from the model's noise ``eps``, drawn beforehand."""
         z = model.rsample(params, tasks, eps)
         log_lik = model.log_likelihood(params, tasks, z)[:, 0]  # (M, K, n)
-        lpd = torch.logsumexp(log_lik, dim=1) - math.log(self.n_particles)  # (M, n)
+        lpd = torch.logsumexp(log_lik, dim=1) - math.log(log_lik.shape[1])  # (M, n)
         lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))  # padding may be non-finite
         return -lpd.sum(-1) / tasks.mask.sum(-1).clamp(min=1).to(lpd.dtype)
 
@@ -114,9 +118,13 @@ class NegativeEvidence:
                 params = {k: gather_rows(v, tasks.rows) if k in local else v
                           for k, v in params.items()}
         eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
+        return self.evaluate(model, params, tasks, eps)
+
+    def evaluate(self, model, params, tasks, eps):
+        """Compute the loss (M,) from the model's noise ``eps`` (for the sites of ``tasks``)."""
         z = model.rsample(params, tasks, eps)
         log_w = model.log_p(params, tasks, z) - model.log_q(params, tasks, z)  # (M, S, K)
-        log_ev = torch.logsumexp(log_w, -1) - math.log(self.n_particles)  # (M, S)
+        log_ev = torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])  # (M, S)
         site_w = model.site_weights(tasks)
         if site_w is None:
             return -log_ev.sum(-1) / tasks.mask.sum(-1).clamp(min=1).to(log_ev.dtype)

@@ -63,7 +63,8 @@ class SGD:
         ref = next(iter(params.values()))
         return {"lr_scale": ref.new_ones(ref.shape[0]).detach()}
 
-    def update(self, params: dict, direction: dict, state: dict):
+    def update(self, params: dict, direction: dict, state: dict, *, differentiable=None):
+        """Return ``(new params, state)`` (``differentiable``: one path for both, ignored)."""
         scale = state["lr_scale"]
         new = {
             k: v + self.lr * _bcast(scale, v) * direction[k] for k, v in params.items()
@@ -131,8 +132,18 @@ class Adam:
             "count": {k: params[k].new_zeros(params[k].shape[:2]).detach() for k in local},
         }
 
-    def update(self, params: dict, direction: dict, state: dict):
-        if not (torch.is_grad_enabled() and _any_requires_grad(params, direction, state)):
+    def update(self, params: dict, direction: dict, state: dict, *, differentiable=None):
+        """Return ``(new params, new state)``.
+
+        ``differentiable``: take the out-of-place path that a graph can go
+        through (True), the fused in-place one (False), or decide from the grad
+        mode and whether any input requires grad (None; under a
+        :mod:`torch.func` transform pass True).
+        """
+        if differentiable is None:
+            differentiable = torch.is_grad_enabled() and _any_requires_grad(
+                params, direction, state)
+        if not differentiable:
             return self._update_foreach(params, direction, state)
         b1, b2 = self.betas
         step = state["step"] + 1

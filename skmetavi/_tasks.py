@@ -16,6 +16,7 @@ __all__ = [
     "gather_rows",
     "scatter_rows",
     "TaskNoise",
+    "NoiseCache",
     "TaskGenerators",
     "AUTO_CHUNK_BYTES",
     "auto_task_chunk",
@@ -251,30 +252,69 @@ class TaskNoise:
     fixed : bool, default=False
         Return the same numbers at every draw (deterministic inner problems:
         implicit meta-gradients and their tests).
+    cache : NoiseCache, default=None
+        Shared by the chunks of one batch: a draw that another chunk already
+        made is sliced from its numbers instead of being generated again.
     """
 
-    def __init__(self, seed: int, n_total: int, rows, fixed: bool = False):
+    def __init__(self, seed: int, n_total: int, rows, fixed: bool = False, cache=None):
         self.seed, self.n_total, self.rows, self.fixed = int(seed), int(n_total), rows, fixed
+        self.cache = cache
         self.counter = 0
 
-    def _generator(self, device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + self.counter) % (2**63 - 1))
+    def _draw(self, kind, shape, dtype, device):
+        full_shape = (self.n_total,) + tuple(shape[1:])
+        key = (kind, self.seed, self.counter, full_shape, dtype, str(device))
+        full = None if self.cache is None else self.cache.get(key)
+        if full is None:
+            g = torch.Generator(device=device)
+            g.manual_seed((self.seed * 1_000_003 + self.counter) % (2**63 - 1))
+            full = getattr(torch, kind)(full_shape, generator=g, dtype=dtype, device=device)
+            if self.cache is not None:
+                self.cache.put(key, full)
         if not self.fixed:
             self.counter += 1
-        return g
+        return full[self.rows]
 
     def randn(self, shape, *, dtype, device) -> torch.Tensor:
         """Standard normals of shape ``(n_rows, *shape[1:])``."""
-        g = self._generator(device)
-        full = torch.randn((self.n_total,) + tuple(shape[1:]), generator=g, dtype=dtype, device=device)
-        return full[self.rows]
+        return self._draw("randn", shape, dtype, device)
 
     def rand(self, shape, *, dtype=None, device=None) -> torch.Tensor:
         """Uniforms on [0, 1) of shape ``(n_rows, *shape[1:])``."""
-        g = self._generator(device)
-        full = torch.rand((self.n_total,) + tuple(shape[1:]), generator=g, dtype=dtype, device=device)
-        return full[self.rows]
+        return self._draw("rand", shape, dtype, device)
+
+
+class NoiseCache:
+    """The draws of one batch's :class:`TaskNoise`, kept for its other chunks.
+
+    Every chunk of a chunked outer iteration makes the same sequence of
+    draws, each for all tasks of the batch; keeping them spares the later
+    chunks the generation (16 chunks drew 16 times the numbers).  Draws
+    stop being kept once ``max_bytes`` are held: later ones are generated
+    again, as without a cache (the numbers are the same either way).  The
+    budget is on top of the chunks' own memory: it bounds what chunking for
+    memory gives up to the cache.
+
+    Parameters
+    ----------
+    max_bytes : int, default=64 MiB
+    """
+
+    def __init__(self, max_bytes: int = 64 * 2**20):
+        self.max_bytes, self.n_bytes = int(max_bytes), 0
+        self._draws = {}
+
+    def get(self, key):
+        """Return the kept draw of ``key``, or None."""
+        return self._draws.get(key)
+
+    def put(self, key, value):
+        """Keep ``value`` for ``key`` if the budget allows."""
+        size = value.numel() * value.element_size()
+        if self.n_bytes + size <= self.max_bytes:
+            self._draws[key] = value
+            self.n_bytes += size
 
 
 class TaskGenerators:

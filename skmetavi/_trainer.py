@@ -15,7 +15,7 @@ from skmetavi._implicit import implicit_meta_gradient
 from skmetavi._inner import NonFiniteError, finite_params, inner_loop
 from skmetavi._optim import Adam
 from skmetavi._strategies import LearnedInit, PersistentTaskParams
-from skmetavi._tasks import TaskNoise, auto_task_chunk
+from skmetavi._tasks import NoiseCache, TaskNoise, auto_task_chunk
 
 __all__ = ["MetaTrainer"]
 
@@ -71,6 +71,12 @@ class MetaTrainer:
         :func:`~skmetavi._tasks.auto_task_chunk`; None: all at once.
     process_group : torch.distributed group, default=None
         Shard the sampled tasks over the processes of an initialised group.
+    compile : bool, default=False
+        Take each chunk's differentiable inner steps and meta-loss as one
+        ``torch.compile`` graph of their meta-gradient
+        (:class:`skmetavi._compiled_meta.CompiledMetaStep`) where the
+        configuration allows it; otherwise, or if compiling fails, eagerly
+        with a ``RuntimeWarning``.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class MetaTrainer:
         fixed_noise=False,
         process_group=None,
         multi_step_loss=False,
+        compile=False,
     ):
         if mode == "implicit" and learn_init:
             raise ValueError(
@@ -157,6 +164,16 @@ class MetaTrainer:
         self.implicit_residuals = []
         self._zero_grad_run = 0
         self._warned = set()
+        self._compiled = None
+        if compile:
+            from skmetavi._compiled_meta import CompiledMetaStep, unsupported_reason
+
+            reason = unsupported_reason(self)
+            if reason is None:
+                self._compiled = CompiledMetaStep(self)
+            else:
+                warnings.warn(f"compile is not supported for this meta-iteration: {reason}; "
+                              "it runs eagerly.", RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------- views
     learn_init = property(lambda self: self.strategy.learn_init)
@@ -210,6 +227,8 @@ class MetaTrainer:
         chunk = self.task_chunk_size or max(1, rows.numel())
         device = self.support.X.device
         J_total, ok, pending, inner_total = 0.0, True, [], 0.0
+        # Several chunks: each chunk's noise is sliced from one draw per batch.
+        cache = NoiseCache() if 0 < chunk < rows.numel() else None
         # A process may get no task (fewer tasks per batch than processes): it still
         # takes part in every reduction below.
         for part in rows.split(chunk) if rows.numel() else ():
@@ -217,7 +236,7 @@ class MetaTrainer:
             # The whole batch in one chunk: the noise needs no row selection (no copy).
             rows_of = slice(None) if part.numel() == M else part.to(device)
             J_sum, new_params, new_state, part_ok, inner = self._tasks_step(
-                ids, seed, M, rows_of)
+                ids, seed, M, rows_of, cache)
             J_total += J_sum
             inner_total += inner
             ok = ok and part_ok
@@ -263,7 +282,7 @@ class MetaTrainer:
     def _meta_parameters(self):
         return [p for opt in self._optimizers() for grp in opt.param_groups for p in grp["params"]]
 
-    def _tasks_step(self, task_ids, seed, M, part):
+    def _tasks_step(self, task_ids, seed, M, part, cache=None):
         """Lines 4-7 for one chunk of the sampled tasks; accumulates the meta-gradients.
 
         Returns ``(sum of J over the chunk, new params, new state, ok, sum of the inner
@@ -271,13 +290,14 @@ class MetaTrainer:
         """
         support, query = self.support.index(task_ids), self.query.index(task_ids)
         implicit = self.mode == "implicit"
-        noise = TaskNoise(seed, M, part, fixed=self.fixed_noise or implicit)
+        noise = TaskNoise(seed, M, part, fixed=self.fixed_noise or implicit, cache=cache)
         # Lines 4-5: phi_i (stored per task, or the shared initialisation).
         params, state = self.strategy.start(
             task_ids, support, differentiable=self.differentiable, generator=noise
         )
         if implicit:
-            loss_noise = TaskNoise(seed ^ 0x5DEECE66D, M, part, fixed=self.fixed_noise)
+            loss_noise = TaskNoise(seed ^ 0x5DEECE66D, M, part, fixed=self.fixed_noise,
+                                   cache=cache)
             J_sum, params, state, ok, residual = implicit_meta_gradient(
                 self.model, self.divergence, self.inner_optimizer, self.meta_loss,
                 params, state, support, query, n_steps=self.n_inner_steps,
@@ -287,6 +307,15 @@ class MetaTrainer:
             if residual is not None:
                 self._check_residual(residual)
             return J_sum, _tree.detach(params), _tree.detach(state), ok, math.nan
+        if self._compiled is not None:
+            out = self._compiled(params, state, support, query, noise, M)
+            if out is not None:
+                J, params, state, finite, bound = out
+                J_sum = float(J.sum())
+                ok = math.isfinite(J_sum) and bool(finite.all())
+                rows = support.n_rows.to(bound.dtype).clamp(min=1)
+                return J_sum, params, state, ok, -float((bound / rows).sum())
+            self._compiled = None  # failed (warned): eager from now on, with the same noise
         losses = []
 
         def loss_at(b, p):

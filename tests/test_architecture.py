@@ -35,6 +35,7 @@ TORCH_ONLY = sorted(
         PACKAGE_DIR / "_tree.py",
         PACKAGE_DIR / "_inner.py",
         PACKAGE_DIR / "_compiled.py",
+        PACKAGE_DIR / "_compiled_meta.py",
         PACKAGE_DIR / "_first_order.py",
         PACKAGE_DIR / "_meta_losses.py",
         PACKAGE_DIR / "_strategies.py",
@@ -681,7 +682,7 @@ ENGINE_INTERNALS = {
     "skmetavi._bilevel", "skmetavi._inner", "skmetavi._optim", "skmetavi._tasks",
     "skmetavi._trainer", "skmetavi._strategies", "skmetavi._implicit", "skmetavi._meta_losses",
     "skmetavi._tree", "skmetavi._torch", "skmetavi._distributed", "skmetavi._compiled",
-    "skmetavi._first_order",
+    "skmetavi._first_order", "skmetavi._compiled_meta",
 }
 
 

@@ -218,3 +218,45 @@ def test_meta_fit_resolves_auto_chunks_from_the_widest_rows(rows, settings, expe
     _, _, _, (model, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
     trainer = est._meta_trainer(model, support, query, gen, est._meta_divergence(False))
     assert trainer.task_chunk_size == expected
+
+
+def test_noise_cache_gives_every_chunk_the_numbers_of_one_draw(monkeypatch):
+    from skmetavi._tasks import NoiseCache, TaskNoise
+
+    generated = []
+    randn = torch.randn
+
+    def counting(*args, **kw):
+        generated.append(1)
+        return randn(*args, **kw)
+
+    whole = TaskNoise(11, 5, slice(None))
+    ref = [whole.randn((5, 3, 2), dtype=torch.float64, device="cpu") for _ in range(3)]
+    ref.append(whole.rand((5, 4), dtype=torch.float64, device="cpu"))
+    monkeypatch.setattr(torch, "randn", counting)
+    cache = NoiseCache()
+    for part in (torch.arange(0, 2), torch.arange(2, 4), torch.arange(4, 5)):
+        noise = TaskNoise(11, 5, part, cache=cache)
+        draws = [noise.randn((5, 3, 2), dtype=torch.float64, device="cpu") for _ in range(3)]
+        draws.append(noise.rand((5, 4), dtype=torch.float64, device="cpu"))
+        for got, full in zip(draws, ref):
+            torch.testing.assert_close(got, full[part], rtol=0, atol=0)
+    assert len(generated) == 3  # the first chunk generated, the others sliced
+    # Over budget: generated again, the same numbers.
+    small = NoiseCache(max_bytes=5 * 3 * 2 * 8)
+    for part in (torch.arange(0, 2), torch.arange(2, 5)):
+        noise = TaskNoise(11, 5, part, cache=small)
+        for full in ref[:2]:
+            torch.testing.assert_close(noise.randn((5, 3, 2), dtype=torch.float64,
+                                                   device="cpu"), full[part], rtol=0, atol=0)
+    assert len(generated) == 3 + 3  # draw 0 kept; draw 1 (over budget) generated per chunk
+    assert small.n_bytes == 5 * 3 * 2 * 8
+    # Two streams in one cache (the implicit mode's inner and loss noise): kept apart, by
+    # seed and dtype.
+    monkeypatch.undo()
+    shared = NoiseCache()
+    for seed, dtype in ((11, torch.float64), (12, torch.float64), (11, torch.float32)):
+        alone = TaskNoise(seed, 5, slice(None)).randn((5, 3), dtype=dtype, device="cpu")
+        for part in (torch.arange(0, 3), torch.arange(3, 5)):
+            got = TaskNoise(seed, 5, part, cache=shared).randn((5, 3), dtype=dtype, device="cpu")
+            torch.testing.assert_close(got, alone[part], rtol=0, atol=0)

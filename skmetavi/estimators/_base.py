@@ -497,7 +497,7 @@ class _BaseMetaVI(MetaFitMixin, BaseEstimator):
         run = VIRun(model, divergence, optimizer, params, state, tasks,
                     n_particles=self.n_particles, generator=generator,
                     batch_size=self.batch_size, budget=budget,
-                    compile=bool(getattr(self, "compile", False)))
+                    compile=getattr(self, "compile", False) in (True, "fit"))
         return model, run, budget, extras
 
     def _adapted_copies(self, data, random_states=None):

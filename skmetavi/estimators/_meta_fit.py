@@ -184,6 +184,7 @@ class MetaFitMixin:
             implicit_tol=self.implicit_tol, implicit_damping=self.implicit_damping,
             multi_step_loss=(self._learns_init() if self.multi_step_loss == "auto"
                              else self.multi_step_loss),
+            compile=getattr(self, "compile", False) in (True, "meta_fit"),
         )
 
     def _meta_fit(self, model, support, query, generator, validation, labels, *, checkpoint,
