@@ -11,9 +11,10 @@ run's generator, so a compiled run draws the same numbers as an eager one and
 agrees with it to floating-point rounding.
 
 Supported: one global latent (:class:`~skmetavi.models.GlobalLatent`, no site
-weights), no minibatch, no per-row parameters, a divergence that is neither
-local nor path-derivative, and the built-in SGD and Adam.  Anything else runs
-eagerly (:func:`unsupported_reason` says why).  A compilation failure is
+weights), no minibatch, no per-row parameters, a divergence that is not local
+(path-derivative ones included: the f-divergences and a learned
+:class:`~skmetavi.divergences.NeuralF`), and the built-in SGD and Adam.
+Anything else runs eagerly (:func:`unsupported_reason` says why).  A compilation failure is
 reported as a ``RuntimeWarning`` and the run continues eagerly.
 
 Compiled graphs are cached by ``torch.compile`` on the step function's code,
@@ -60,8 +61,8 @@ def unsupported_reason(model, divergence, optimizer, tasks, batch_size):
         return "the model has per-row parameters"
     if model.site_weights(tasks) is not None:
         return "the model has site weights"
-    if divergence.local or divergence.path_derivative:
-        return f"{type(divergence).__name__} is a local or path-derivative divergence"
+    if divergence.local:
+        return f"{type(divergence).__name__} is a local divergence (per-row weights)"
     if type(optimizer) not in (SGD, Adam):
         return f"the inner optimiser {type(optimizer).__name__} is not skmetavi's SGD or Adam"
     return None
@@ -75,10 +76,18 @@ def _plain_step(model, divergence, optimizer, params, state, tasks, eps):
     all finite (that task's weights are zero, as on the eager path).
     """
 
+    var_keys = tuple(model.variational_keys)
+
     def surrogate(p):
         z = model.rsample(p, tasks, eps)
         log_p = model.log_p(p, tasks, z)  # (M, 1, K)
-        log_q = model.log_q_reparameterised(p, tasks, eps)
+        if divergence.path_derivative:
+            # Eq. (8): log q with q's parameters held fixed, so the gradient reaches them
+            # through the particles only (d l / d z pulled back through z = r_phi(eps)).
+            log_q = model.log_q({k: v.detach() if k in var_keys else v for k, v in p.items()},
+                                tasks, z)
+        else:
+            log_q = model.log_q_reparameterised(p, tasks, eps)
         log_w = log_p - log_q
         lw = log_w.detach()
         finite = _finite_tasks([lw])

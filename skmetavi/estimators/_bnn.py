@@ -107,23 +107,21 @@ class MetaBNNRegressor(RegressorMixin, _BaseMetaVI):
         graph: on a CPU with a 1-50-50-1 BNN, 2x faster per step with 1000 rows
         and 2.4x with 40), ``"meta_fit"`` the meta-iterations of
         :meth:`meta_fit` (each chunk's differentiable inner steps and meta-loss
-        as one graph of their meta-gradient,
-        ``meta_gradient="full"``: measured on a 2-core CPU with 16 tasks of
-        that BNN, 1.8x faster than the eager batched meta-iteration with 40
-        rows per task and 2.1x with 1000), True both.  The first call of a
-        configuration compiles for tens of seconds (a minute for a
-        meta-iteration; less in a later process, from the inductor's on-disk
-        cache), which pays off only after thousands of steps or 100 (1000 rows
-        per task) to 1500 (40 rows) meta-iterations.  Compiled code is cached
-        per configuration: runs with the same shapes and dtype do not
-        recompile, whatever their learning rate or divergence parameters;
-        another number of rows or tasks recompiles once (a method monkeypatched
-        onto a class after a compiled run is not seen:
+        as one graph of their meta-gradient, ``meta_gradient="full"``: measured
+        on a 2-core CPU with 16 tasks of that BNN, 1.8x faster than the eager
+        batched meta-iteration with 40 rows per task and 2.1x with 1000), True
+        both.  The first call of a configuration compiles for tens of seconds
+        (a minute for a meta-iteration; less in a later process, from the
+        inductor's on-disk cache), which pays off only after thousands of steps
+        or 100 (1000 rows per task) to 1500 (40 rows) meta-iterations.
+        Compiled code is cached per configuration: runs with the same shapes
+        and dtype do not recompile, whatever their learning rate or divergence
+        parameters; another number of rows or tasks recompiles once (a method
+        monkeypatched onto a class after a compiled run is not seen:
         ``torch._dynamo.reset()``).  Falls back to the eager path with a
         ``RuntimeWarning`` for what it does not cover (``batch_size``, local
-        divergences, path-derivative ones in :meth:`fit`, a meta-gradient other
-        than ``"full"`` or a callable meta-loss in :meth:`meta_fit`) or if
-        compiling fails.
+        divergences, and in :meth:`meta_fit` a meta-gradient other than
+        ``"full"`` or a callable meta-loss) or if compiling fails.
     init_scale : float, default=0.01
         Initial standard deviation of q for every weight; the initial means are
         He-scaled random draws (``network``'s own parameters if given).
