@@ -261,9 +261,11 @@ def test_compiled_step_takes_the_path_derivative_like_eager(make):
         warnings.simplefilter("ignore", UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("error", message="compile")
-        cb = torch.stack([crun.step() for _ in range(3)])
+        # Past the warm-up calls too (run without the raised recompile limit).
+        cb = torch.stack([crun.step() for _ in range(_compiled.WARM_UP_CALLS + 2)])
     assert crun._compiled is not None and not crun._compiled.failed
-    eb = torch.stack([run.step() for _ in range(3)])
+    assert crun._compiled._warm == _compiled.WARM_UP_CALLS
+    eb = torch.stack([run.step() for _ in range(_compiled.WARM_UP_CALLS + 2)])
     for k, v in run.params.items():
         torch.testing.assert_close(crun.params[k], v, rtol=1e-10, atol=1e-12, msg=k)
     torch.testing.assert_close(cb, eb, rtol=1e-10, atol=1e-10)
