@@ -38,7 +38,9 @@ generated code on disk, so a second process compiles faster.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import types
 import warnings
 
@@ -48,7 +50,8 @@ from skmetavi._inner import StepStats, _finite_tasks
 from skmetavi._optim import SGD, Adam
 from skmetavi.models._protocol import GlobalLatent
 
-__all__ = ["CompiledStep", "TensorLR", "describe_failure", "unsupported_reason"]
+__all__ = ["CompiledStep", "TensorLR", "compile_function", "describe_failure", "recompile_limit",
+           "unsupported_reason"]
 
 
 def unsupported_reason(model, divergence, optimizer, tasks, batch_size):
@@ -115,9 +118,24 @@ _UNGUARDED_GLOBALS = ("G['torch']", "G['__import_torch", "G['__builtins_dict")
 #: configuration (model, divergence class, dtype, particles, ...) of a process.
 RECOMPILE_LIMIT = 64
 
-#: Calls of a :class:`CompiledStep` made with the raised recompile limit: the first compiles,
-#: the next may recompile once for the layouts of the compiled graph's own outputs.
-WARM_UP_CALLS = 3
+#: Whether ``torch.compile`` takes ``recompile_limit`` (torch >= 2.13): then the limit is the
+#: compiled function's own; on older torch it is raised around every call.
+_OWN_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def compile_function(fn):
+    """``torch.compile`` of ``fn`` as both compiled paths use it (one graph, guard filter)."""
+    kw = {"recompile_limit": RECOMPILE_LIMIT} if _OWN_LIMIT else {}
+    return torch.compile(fn, dynamic=None, fullgraph=True,
+                         options={"guard_filter_fn": _guard_filter}, **kw)
+
+
+def recompile_limit():
+    """A context for calling a compiled function: dynamo's limit raised on older torch."""
+    if _OWN_LIMIT:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+
 
 
 def _guard_filter(entries):
@@ -140,10 +158,7 @@ def _get_compiled():
     """The process-wide compiled :func:`_plain_step` (one cache for every run)."""
     global _compiled_step
     if _compiled_step is None:
-        _compiled_step = torch.compile(
-            _plain_step, dynamic=None, fullgraph=True,
-            options={"guard_filter_fn": _guard_filter},
-        )
+        _compiled_step = compile_function(_plain_step)
     return _compiled_step
 
 
@@ -197,24 +212,13 @@ class CompiledStep:
         self.model, self.divergence, self.optimizer, self.tasks = model, divergence, optimizer, tasks
         self.failed = False
         self._lr = TensorLR(optimizer)
-        self._warm = 0
 
     def __call__(self, params, state, eps):
         try:
             optimizer = self._lr.optimizer(eps)
-            args = (self.model, self.divergence, optimizer, params, state, self.tasks, eps)
-            if self._warm < WARM_UP_CALLS:
-                # Compiling (or recompiling for the outputs' layouts) happens in the first
-                # calls of a run; raising the recompile limit costs 20-35 us per call, 3-4 % of
-                # a step with 40 rows, so later calls go without it (a recompile then would
-                # hit dynamo's own limit and fall back to eager, with a warning).
-                with torch.no_grad(), torch._dynamo.config.patch(
-                        recompile_limit=RECOMPILE_LIMIT):
-                    new, new_state, bound, finite = _get_compiled()(*args)
-                self._warm += 1
-            else:
-                with torch.no_grad():
-                    new, new_state, bound, finite = _get_compiled()(*args)
+            with torch.no_grad(), recompile_limit():
+                new, new_state, bound, finite = _get_compiled()(
+                    self.model, self.divergence, optimizer, params, state, self.tasks, eps)
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
             why = describe_failure(exc)

@@ -42,7 +42,7 @@ import warnings
 import torch
 
 from skmetavi import _tree
-from skmetavi._compiled import RECOMPILE_LIMIT, TensorLR, _guard_filter, describe_failure
+from skmetavi._compiled import TensorLR, compile_function, describe_failure, recompile_limit
 from skmetavi._inner import _finite_tasks
 from skmetavi._meta_losses import NegativeEvidence, PredictiveNLL, QuadratureLoss
 from skmetavi._optim import SGD, Adam
@@ -191,8 +191,7 @@ def _get_compiled(with_init):
     """The process-wide compiled meta-gradient (of eta, or of eta and the starting phi)."""
     if with_init not in _compiled:
         fn = _meta_gradient_eta_init if with_init else _meta_gradient_eta
-        _compiled[with_init] = torch.compile(
-            fn, dynamic=None, fullgraph=True, options={"guard_filter_fn": _guard_filter})
+        _compiled[with_init] = compile_function(fn)
     return _compiled[with_init]
 
 
@@ -255,7 +254,7 @@ class CompiledMetaStep:
         start = {k: v.detach() for k, v in params.items()}
         try:
             optimizer = self.lr.optimizer(next(iter(start.values())))
-            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with torch.no_grad(), recompile_limit():
                 grads, (_, aux) = _get_compiled(with_init)(
                     eta, start, state, self.weights, tr.model, optimizer, tr.meta_loss,
                     support, query, inner_eps, loss_eps, n_total)
