@@ -137,7 +137,6 @@ def recompile_limit():
     return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
 
-
 def _guard_filter(entries):
     """Keep every guard a user's change can trip; drop those on torch and the builtins.
 

@@ -43,36 +43,31 @@ import torch
 
 from skmetavi import _tree
 from skmetavi._compiled import TensorLR, compile_function, describe_failure, recompile_limit
+from skmetavi._compiled import unsupported_reason as step_unsupported_reason
 from skmetavi._inner import _finite_tasks
 from skmetavi._meta_losses import NegativeEvidence, PredictiveNLL, QuadratureLoss
-from skmetavi._optim import SGD, Adam
-from skmetavi.models._protocol import GlobalLatent
 
 __all__ = ["CompiledMetaStep", "unsupported_reason"]
 
 
 def unsupported_reason(trainer):
-    """Why a :class:`~skmetavi._trainer.MetaTrainer` cannot compile its iteration, or None."""
-    model, divergence = trainer.model, trainer.divergence
+    """Why a :class:`~skmetavi._trainer.MetaTrainer` cannot compile its iteration, or None.
+
+    On top of what the compiled plain step needs
+    (:func:`skmetavi._compiled.unsupported_reason`): something to meta-learn,
+    inner steps, the full meta-gradient and a built-in meta-loss.
+    """
+    model = trainer.model
     if not trainer.differentiable:
         return "nothing is meta-learned (no divergence parameter and no learned initialisation)"
     if trainer.n_inner_steps < 1:
         return "there are no inner steps"
     if trainer.mode != "full":
         return f"meta_gradient={trainer.mode!r} (only 'full' is compiled)"
-    if not isinstance(model, GlobalLatent):
-        return f"the model {type(model).__name__} is not a GlobalLatent"
-    if trainer.batch_size is not None:
-        return "batch_size is set (minibatches)"
-    if tuple(getattr(model, "local_keys", ())):
-        return "the model has per-row parameters"
-    if model.site_weights(trainer.support) is not None:
-        return "the model has site weights"
-    if divergence.local:
-        return f"{type(divergence).__name__} is a local divergence (per-row weights)"
-    if type(trainer.inner_optimizer) not in (SGD, Adam):
-        return (f"the inner optimiser {type(trainer.inner_optimizer).__name__} is not "
-                "skmetavi's SGD or Adam")
+    reason = step_unsupported_reason(model, trainer.divergence, trainer.inner_optimizer,
+                                     trainer.support, trainer.batch_size)
+    if reason is not None:
+        return reason
     loss = trainer.meta_loss
     if type(loss) is PredictiveNLL and not getattr(model, "has_likelihood", False):
         return "the predictive NLL needs a per-row likelihood (the eager path says why)"
@@ -200,8 +195,9 @@ class CompiledMetaStep:
 
     Calling it with ``(params, state, support, query, noise, n_total)`` draws
     the noise, runs the compiled meta-gradient, accumulates it into eta's
-    ``.grad`` (and the initialisation's, Algorithm 2) and returns ``(J (m,),
-    new params, new state, finite (m,), bound (m,))``, or None when compiling
+    ``.grad`` (and the initialisation's, Algorithm 2) when J and every task's
+    steps are finite, and returns ``(J (m,), new params, new state, ok,
+    bound (m,))``, or None when compiling
     or running failed: then a ``RuntimeWarning`` is issued, :attr:`failed` is
     set and the caller takes the eager path (with the same noise: the draws
     are replayed).
@@ -267,7 +263,7 @@ class CompiledMetaStep:
                 "continuing with the eager one.", RuntimeWarning, stacklevel=4)
             return None
         J, new_params, new_state, finite, bound = aux
-        ok = bool(torch.isfinite(J).all()) and bool(finite.all())
+        ok = bool(torch.isfinite(J.sum())) and bool(finite.all())  # as the eager path
         if ok:
             g_eta, g_start = grads if with_init else (grads, None)
             for name, p in self.eta:  # accumulated over the chunks, as backward() does
@@ -276,4 +272,4 @@ class CompiledMetaStep:
                 outs = [(params[k], g_start[k]) for k in params if params[k].grad_fn is not None]
                 if outs:
                     torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
-        return J, new_params, new_state, finite, bound
+        return J, new_params, new_state, ok, bound

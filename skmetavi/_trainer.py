@@ -23,6 +23,11 @@ __all__ = ["MetaTrainer"]
 ZERO_GRADIENT_PATIENCE = 5
 
 
+def _inner_loss(bound, support) -> float:
+    """The sum over tasks of the negative bound per support row (as the meta-loss, per row)."""
+    return -float((bound / support.n_rows.to(bound.dtype).clamp(min=1)).sum())
+
+
 def _is_zero(grads) -> bool:
     """Whether every meta-gradient is (numerically) zero: below 1e-12 relative to its parameter."""
     return all(
@@ -310,11 +315,8 @@ class MetaTrainer:
         if self._compiled is not None:
             out = self._compiled(params, state, support, query, noise, M)
             if out is not None:
-                J, params, state, finite, bound = out
-                J_sum = float(J.sum())
-                ok = math.isfinite(J_sum) and bool(finite.all())
-                rows = support.n_rows.to(bound.dtype).clamp(min=1)
-                return J_sum, params, state, ok, -float((bound / rows).sum())
+                J, params, state, ok, bound = out
+                return float(J.sum()), params, state, ok, _inner_loss(bound, support)
             self._compiled = None  # failed (warned): eager from now on, with the same noise
         losses = []
 
@@ -342,8 +344,7 @@ class MetaTrainer:
             # mean over the M tasks of the whole outer batch, accumulated chunk by chunk
             (J_sum / M).backward()
         # Per support row, as the meta-loss is per query row.
-        rows = support.n_rows.to(stats[-1].bound.dtype).clamp(min=1) if stats else None
-        inner = -float((stats[-1].bound.detach() / rows).sum()) if stats else math.nan
+        inner = _inner_loss(stats[-1].bound.detach(), support) if stats else math.nan
         return float(J_sum.detach()), _tree.detach(params), _tree.detach(state), ok, inner
 
     # ------------------------------------------------------ diagnostics
