@@ -23,6 +23,8 @@ from skmetavi._inner import VIRun
 from skmetavi._optim import SGD, Adam
 from skmetavi.datasets import make_sinusoid_tasks
 from skmetavi.divergences import KL, NeuralF, Renyi, TailAdaptive
+from skmetavi.models import BNNRegression
+from skmetavi.models._bnn import ACTIVATIONS
 
 FAST = dict(hidden_layer_sizes=(6, 5), likelihood="homoskedastic", n_particles=4,
             init_scale=0.05, normalize_y=False, random_state=0)
@@ -174,6 +176,29 @@ def test_compile_failure_falls_back_to_eager_with_the_same_noise(monkeypatch):
         run.step(), crun.step()
     for k, v in run.params.items():
         assert torch.equal(crun.params[k], v), k
+
+
+@pytest.mark.parametrize("n_features", [1, 3])
+@pytest.mark.parametrize("hidden", [(), (5,), (6, 4)])
+@pytest.mark.parametrize("likelihood", ["homoskedastic", "heteroskedastic"])
+def test_fusable_forward_equals_the_eager_forward(n_features, hidden, likelihood):
+    """The BNN forward the compiled step traces (``h @ W + b``, a pointwise first layer)."""
+    bnn = BNNRegression(hidden, activation="tanh", likelihood=likelihood)
+    g = torch.Generator().manual_seed(0)
+    M, K, n = 2, 3, 7
+    z = torch.randn(M, K, bnn.n_latent(n_features), generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    X = torch.randn(M, n, n_features, generator=g, dtype=torch.float64)
+    params = {"log_noise": torch.zeros(M, 1, dtype=torch.float64)}
+    eager = bnn.forward(z, X, params)
+    fused = bnn._forward_fusable(ACTIVATIONS["tanh"], z, X, params, bnn.layer_shapes(n_features))
+    for e, f in zip(eager, fused):
+        assert f.shape == e.shape == (M, K, n)
+        torch.testing.assert_close(f, e, rtol=1e-12, atol=1e-12)
+    w = torch.randn(M, K, n, generator=g, dtype=torch.float64)
+    ge, = torch.autograd.grad((eager[0] * w).sum() + eager[1].sum(), z)
+    gf, = torch.autograd.grad((fused[0] * w).sum() + fused[1].sum(), z)
+    torch.testing.assert_close(gf, ge, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
