@@ -453,32 +453,32 @@ def bench_peers_at(n_points, n_rep=100, contenders=PEERS):
 def bench_peers_isolated(n_points, n_rep=100, contenders=PEERS, n_proc=3):
     """Each contender of benchmark 1 timed alone, in a fresh process, ``n_proc`` rounds.
 
-    In one process the contenders' thread pools disturb each other: after a
-    JAX call, XLA's pool threads keep spinning on the cores that torch's
-    OpenMP threads then wait for (our compiled step at N = 40: 0.36 ms alone,
-    0.87-1.0 ms interleaved with NumPyro).  Here every contender (and our
-    eager step, ``ours``) runs in its own process -- first call timed apart,
-    3 warm-up calls, then the median of ``n_rep`` consecutive calls -- one
-    process after another in an order rotated each round, so slow drifts of
-    the machine reach all of them; a contender's time is the median over its
-    ``n_proc`` processes.  The inductor's on-disk cache is shared, so only
-    the first process of a compiled contender compiles cold.
+    In one process the contenders disturb each other: their thread pools
+    compete for the cores (our compiled step at N = 40: about 0.4 ms alone,
+    0.7-1.0 ms interleaved with NumPyro), and one framework's large frees
+    move glibc's dynamic mmap threshold for all (see the user guide's
+    allocator note: after one JAX matmul our step at N = 1000 took 1.9 ms
+    instead of 3.5).  Here every contender (and our eager step, ``ours``)
+    runs in its own process -- first call timed apart, 3 warm-up calls, then
+    the median of ``n_rep`` consecutive calls -- one process after another in
+    an order rotated each round, so slow drifts of the machine reach all of
+    them; a contender's time is the median over its ``n_proc`` processes.
+    The inductor's on-disk cache is shared (and warm from the interleaved
+    pass), so ``first_call_s`` is not a cold compile.
     """
     names = ("ours",) + tuple(contenders)
     per, first, notes = {n: [] for n in names}, {}, {}
     for r in range(n_proc):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        shift = r * len(names) // n_proc
+        for name in names[shift:] + names[:shift]:
             if name in notes:
                 continue
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--peer-cell", name,
-                 str(n_points), str(n_rep)], capture_output=True, text=True, check=False)
-            cell = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                    else {"note": f"failed: {(proc.stderr.strip().splitlines() or [''])[-1]}"})
-            if "note" in cell:
+            cell = _run_peer_cell(name, n_points, n_rep)
+            if "note" in cell:  # times of earlier rounds, if any, are kept
                 notes[name] = cell["note"][:500]
-                per[name] = []
                 continue
+            if cell.get("fell_back"):
+                notes[name] = "compiling failed: its times are of the eager step"
             per[name].append(cell["ms"])
             first.setdefault(name, cell["first_s"])
     med = {n: statistics.median(t) for n, t in per.items() if t}
@@ -498,20 +498,44 @@ def bench_peers_isolated(n_points, n_rep=100, contenders=PEERS, n_proc=3):
     return out
 
 
+def _run_peer_cell(name, n_points, n_rep, timeout=1800):
+    """:func:`_peer_cell` in a fresh process: its result, or ``{"note": why not}``."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--peer-cell", name, str(n_points),
+             str(n_rep)], capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"note": f"timed out after {timeout} s"}
+    if proc.returncode:
+        return {"note": f"failed: {(proc.stderr.strip().splitlines() or [''])[-1]}"}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"note": f"unreadable output: {proc.stdout[-200:]!r}"}
+
+
 def _peer_cell(name, n_points, n_rep):
     """One contender of :func:`bench_peers_isolated`, in this (fresh) process."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's compile-time notices
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         prob = _bnn_problem(n_points)
+        run = None
         try:
-            call, per = (prob["run"].step, 1) if name == "ours" else _build_contender(name, prob)
+            if name in ("ours", "ours_compiled"):
+                run = (prob["run"] if name == "ours"
+                       else _bnn_run(1, n_points, compile=True)[1])
+                call, per = run.step, 1
+            else:
+                call, per = _build_contender(name, prob)
             t0 = time.perf_counter()
             call()
             first = time.perf_counter() - t0
         except _Skip as exc:
             return {"note": str(exc)}
-        return {"ms": 1e3 * _median_time(call, n_rep) / per, "first_s": first}
+        ms = 1e3 * _median_time(call, n_rep) / per
+        fell_back = name == "ours_compiled" and run._compiled is None
+        return {"ms": ms, "first_s": first, "fell_back": fell_back}
 
 
 def _peer_versions():
@@ -541,7 +565,9 @@ def bench_peers(n_points=(1000, 40), n_rep=100, contenders=PEERS, isolated=3):
     out["settings"] = {
         "model": "1-50-50-1 ReLU BNN, homoskedastic noise (learned point estimate)",
         "alpha": ALPHA, "n_particles": K_PARTICLES, "lr": LR, "dtype": "float32",
-        "timing": f"median over {n_rep} interleaved rounds, ms per step",
+        "timing": f"median over {n_rep} interleaved rounds, ms per step; \"isolated\": "
+                  f"median over {isolated} fresh processes of each one's median of {n_rep} "
+                  "consecutive steps",
         "ratio": "peer time / our time (> 1: we are faster)",
         "torch_threads": torch.get_num_threads(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -808,7 +834,9 @@ def bench_vae(n_rows=1000, n_rep=100):
 def machine():
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            # glibc's thresholds (--tune-allocator exports them; see skmetavi.tune_allocator)
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
 def main(argv=None):
@@ -827,9 +855,16 @@ def main(argv=None):
     parser.add_argument("--isolated", type=int, default=3,
                         help="benchmark 1: also time each contender alone in this many fresh "
                              "processes (0: only interleaved in one process)")
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="skmetavi.tune_allocator() here and in every cell's process (the "
+                             "default timings are glibc's defaults)")
     parser.add_argument("--compiled-cell", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--peer-cell", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tune_allocator:
+        from skmetavi import tune_allocator
+
+        tune_allocator(environ=True)  # the cells' processes inherit MALLOC_*_THRESHOLD_
     if args.peer_cell:
         name, n_points, n_rep = args.peer_cell
         print(json.dumps(_peer_cell(name, int(n_points), int(n_rep))))

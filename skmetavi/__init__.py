@@ -3,6 +3,7 @@
 # Authors: The skmetavi developers
 # SPDX-License-Identifier: BSD-3-Clause
 
+from skmetavi._allocator import tune_allocator
 from skmetavi.divergences import KL, FDivergence, LocalRenyi, NeuralF, Renyi, TailAdaptive
 from skmetavi.estimators import MetaBNNRegressor, MetaDivergenceVI, MetaPartialVAE, MetaVAE
 from skmetavi.model_selection import (
@@ -30,5 +31,6 @@ __all__ = [
     "TaskAdaptiveImputer",
     "TaskAdaptiveRegressor",
     "make_meta_pipeline",
+    "tune_allocator",
     "__version__",
 ]

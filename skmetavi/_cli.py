@@ -38,6 +38,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # The command line owns its process (and its joblib workers): reuse freed tensor buffers
+    # instead of faulting in fresh pages every step (skmetavi._allocator).
+    from skmetavi._allocator import _glibc, tune_allocator
+
+    if _glibc() is not None:
+        tune_allocator(environ=True)
     if args.command == "demo":
         from skmetavi.experiments._demo import format_demo, run_demo
 
