@@ -83,6 +83,10 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
         True if glibc took both settings; False (with a ``RuntimeWarning``)
         where the C library is not glibc or refused them.
 
+    See Also
+    --------
+    skmetavi.MetaBNNRegressor : Its ``compile`` option, the other speed setting on a CPU.
+
     Examples
     --------
     >>> import skmetavi

@@ -38,13 +38,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # The command line owns its process (and its joblib workers): reuse freed tensor buffers
-    # instead of faulting in fresh pages every step (skmetavi._allocator).
-    from skmetavi._allocator import _glibc, tune_allocator
-
-    if _glibc() is not None:
-        tune_allocator(environ=True)
     if args.command == "demo":
+        _tune_allocator()
         from skmetavi.experiments._demo import format_demo, run_demo
 
         result = run_demo(args.out, budget=args.budget, seed=args.seed, quiet=args.quiet)
@@ -54,6 +49,7 @@ def main(argv=None):
     from skmetavi.experiments import EXPERIMENTS, reproduce, reproduce_all
 
     if args.name == "all":
+        _tune_allocator()
         report = reproduce_all(budget=args.budget, out=args.out, seed=args.seed,
                                verbose=not args.quiet)
         print(f"wrote {report}")
@@ -68,9 +64,18 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 2
+    _tune_allocator()
     reproduce(args.name, budget=args.budget, out=args.out, seed=args.seed,
               verbose=not args.quiet)
     return 0
+
+
+def _tune_allocator():
+    """The command line owns its process and its joblib workers: reuse freed tensor buffers."""
+    from skmetavi._allocator import _glibc, tune_allocator
+
+    if _glibc() is not None:  # elsewhere nothing to tune (and no warning for it)
+        tune_allocator(environ=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,11 +1,13 @@
 """``skmetavi demo`` and ``skmetavi reproduce all``."""
 
 import json
+import os
 
 import matplotlib
 import numpy as np
 import pytest
 
+from skmetavi import _allocator
 from skmetavi._cli import main
 from skmetavi.experiments._demo import format_demo, run_demo
 
@@ -23,8 +25,12 @@ def _drawn_fraction(path):
     return float(np.mean(img.min(axis=-1) < 0.9))
 
 
-def test_demo_cli_smoke(tmp_path, capsys):
+def test_demo_cli_smoke(tmp_path, capsys, monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     assert main(["demo", "--budget", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    if _allocator._glibc() is not None:  # the command line tuned its process and its workers
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(_allocator.MAX_MMAP_THRESHOLD)
     out, err = capsys.readouterr()
     assert err == ""  # --quiet: no bars, no progress lines
     for method in METHODS:
@@ -81,6 +87,9 @@ def _has_ml100k():
 
 def test_reproduce_all_smoke_writes_one_report(tmp_path, capsys, monkeypatch):
     from skmetavi import experiments
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)  # the command line sets them; restored after
 
     if not _has_ml100k():  # fig4 needs MovieLens, which is never downloaded (licence)
         monkeypatch.setattr(experiments, "EXPERIMENTS", {
