@@ -2,14 +2,15 @@
 
 Every VI step allocates and frees the same activation buffers (the BNN's
 ``(K, n, 50)`` float32 activations are 2 MB at ``n = 1000``).  glibc serves
-blocks above its mmap threshold (128 KiB at start, raised dynamically up to the
-largest block freed so far) with fresh ``mmap`` pages and gives the top of its
-heap back to the system beyond a trim threshold, so a step of our BNN at
-N = 1000 faulted in about 1 300 zeroed pages (5 MB) and a batched
-meta-iteration 145 000 (570 MB), every time.  With the thresholds raised, the
-freed blocks are reused: measured on the 2-core AMD VM, one step 6.9 -> 4.3 ms
-eager and 3.6 -> 2.2 ms compiled, a 16-task meta-iteration 1.27 -> 0.99 s,
-peak resident memory unchanged.  The cost: memory freed after a fit stays with
+blocks above its mmap threshold (128 KiB at start, raised dynamically to the
+size of a freed mapped block, up to 32 MiB, until any ``mallopt`` call fixes
+it) with fresh ``mmap`` pages and gives the top of its heap back to the system
+beyond a trim threshold, so a compiled step of our BNN at N = 1000 faulted in
+about 1 300 zeroed pages (5 MB; 774 eagerly) and a batched meta-iteration
+145 000 (570 MB), every time.  With the thresholds raised, the freed blocks are
+reused: measured on the 2-core AMD VM, one fresh process each, a step
+6.9 -> 4.3-4.9 ms eager and 3.6 -> 2.2 ms compiled, a 16-task meta-iteration
+1.27 -> 0.99 s, peak resident memory unchanged.  The cost: memory freed after a fit stays with
 the process (up to ``trim_threshold`` at the top of the heap) instead of going
 back to the system.
 
@@ -17,8 +18,10 @@ This is a process-wide setting, so skmetavi never applies it on import or in
 an estimator; the command line (``skmetavi demo``, ``skmetavi reproduce``)
 does, for the processes it owns.  The same effect without code, for any
 program: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
-in the environment, or a different allocator (jemalloc, tcmalloc) through
-``LD_PRELOAD``.
+in the environment (or, glibc 2.26 and newer, ``GLIBC_TUNABLES=glibc.malloc.
+mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``), or a
+different allocator (jemalloc, tcmalloc) through ``LD_PRELOAD``.  The command
+line leaves a process alone whose environment sets any of these.
 """
 
 # Authors: The skmetavi developers
@@ -38,6 +41,11 @@ __all__ = ["tune_allocator"]
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``).
 MAX_MMAP_THRESHOLD = 32 * 2**20
+#: ``mallopt`` takes a C ``int``.
+_MAX_INT = 2**31 - 1
+#: Environment variables by which a user has already chosen glibc's malloc settings.
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                  "MALLOC_MMAP_MAX_")
 
 
 def _glibc():
@@ -47,10 +55,17 @@ def _glibc():
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc (musl)
-        libc.mallopt
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def user_has_chosen():
+    """Whether the environment already sets glibc's malloc thresholds (then leave them)."""
+    return (any(name in os.environ for name in _USER_SETTINGS)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, environ=False):
@@ -68,10 +83,10 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
     ----------
     mmap_threshold : int, default=33554432
         Blocks of at least this many bytes are mapped directly (and unmapped
-        on free); at most 32 MiB, glibc's own limit.
+        on free); at most 32 MiB, glibc's own limit on 64-bit systems.
     trim_threshold : int, default=1073741824
         Free memory at the top of the heap beyond this many bytes is returned
-        to the system.
+        to the system; at most ``2**31 - 1`` (``mallopt`` takes a C ``int``).
     environ : bool, default=False
         Also set ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in
         ``os.environ`` (where not set already), so that processes started
@@ -93,13 +108,13 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
     >>> skmetavi.tune_allocator()  # doctest: +SKIP
     True
     """
-    for name, value, top in (("mmap_threshold", mmap_threshold, MAX_MMAP_THRESHOLD),
-                             ("trim_threshold", trim_threshold, None)):
+    for name, value, top, why in (
+            ("mmap_threshold", mmap_threshold, MAX_MMAP_THRESHOLD, "glibc's limit on 64-bit"),
+            ("trim_threshold", trim_threshold, _MAX_INT, "mallopt takes a C int")):
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise TypeError(f"{name} must be an int (bytes), got {type(value).__name__}.")
-        if value < 0 or (top is not None and value > top):
-            limit = f"between 0 and {top} bytes (glibc's limit)" if top else "at least 0"
-            raise ValueError(f"{name} must be {limit}, got {value}.")
+        if not 0 <= value <= top:
+            raise ValueError(f"{name} must be between 0 and {top} bytes ({why}), got {value}.")
     libc = _glibc()
     if libc is None:
         warnings.warn(f"tune_allocator: the C library of this platform ({sys.platform}) is not "

@@ -72,9 +72,11 @@ def main(argv=None):
 
 def _tune_allocator():
     """The command line owns its process and its joblib workers: reuse freed tensor buffers."""
-    from skmetavi._allocator import _glibc, tune_allocator
+    from skmetavi._allocator import _glibc, tune_allocator, user_has_chosen
 
-    if _glibc() is not None:  # elsewhere nothing to tune (and no warning for it)
+    # Off glibc nothing to tune (and no warning for it); a user's own MALLOC_* or
+    # GLIBC_TUNABLES settings are left as they are, in this process and its workers.
+    if _glibc() is not None and not user_has_chosen():
         tune_allocator(environ=True)
 
 

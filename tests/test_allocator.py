@@ -12,12 +12,17 @@ import pytest
 import skmetavi
 from skmetavi import _allocator
 
-pytestmark = pytest.mark.skipif(_allocator._glibc() is None, reason="needs glibc")
+needs_glibc = pytest.mark.skipif(_allocator._glibc() is None, reason="needs glibc")
 
 #: A VI step's allocation pattern: a dozen ~1 MB buffers, written, freed, again; prints the
-#: minor page faults per repetition once warm.
+#: minor page faults per repetition once warm.  glibc's thresholds move with what the process
+#: freed before (some fresh processes start with them raised), so "default" and "tuned" first
+#: pin glibc's documented defaults (128 KiB each); "env" starts from the environment's.
 _CHILD = r"""
-import resource, sys, torch, skmetavi
+import ctypes, resource, sys, torch, skmetavi
+if sys.argv[1] != "env":
+    libc = ctypes.CDLL(None)
+    assert libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1
 if sys.argv[1] == "tuned":
     assert skmetavi.tune_allocator()
 def step():
@@ -32,32 +37,79 @@ for _ in range(20):
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
 """
 
+_NAMES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
 
 def _faults(mode):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    if mode == "env":  # what tune_allocator(environ=True) hands to later processes
+        env.update(zip(_NAMES, (str(_allocator.MAX_MMAP_THRESHOLD), str(2**30))))
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, capture_output=True,
                          text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _clean_environ(monkeypatch):
+    """Unset the MALLOC_* settings for one test; whatever the test sets is undone after it."""
+    for name in (*_allocator._USER_SETTINGS, "GLIBC_TUNABLES"):
+        monkeypatch.setenv(name, "")  # records the original (set or not) for the undo
+        monkeypatch.delenv(name)
+
+
+@needs_glibc
 def test_tuned_allocator_reuses_freed_buffers():
-    # 12 MB written per repetition: 3 000+ fresh pages each time with glibc's defaults here.
-    default, tuned = _faults("default"), _faults("tuned")
-    assert tuned < 50, (default, tuned)
+    # 12 MB written per repetition: about 3 300 fresh pages each time with glibc's defaults.
+    default, tuned, by_env = _faults("default"), _faults("tuned"), _faults("env")
+    assert tuned < 50 and by_env < 50, (default, tuned, by_env)
+    assert default > tuned + 100, (default, tuned)  # the check can tell the two apart
 
 
-def test_environ_is_set_for_later_processes_without_overriding(monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+class _RecordingLibc:
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_mallopt_gets_the_thresholds_and_environ_keeps_the_users(monkeypatch):
+    _clean_environ(monkeypatch)
+    libc = _RecordingLibc()
+    monkeypatch.setattr(_allocator, "_glibc", lambda: libc)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
     assert skmetavi.tune_allocator(environ=True)
+    assert libc.calls == [(-3, 2**25), (-1, 2**30)]
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(_allocator.MAX_MMAP_THRESHOLD)
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"  # the user's own setting stays
+    assert skmetavi.tune_allocator(trim_threshold=2**31 - 1)
+    assert libc.calls[-1] == (-1, 2**31 - 1)
+
+
+def test_refused_thresholds_warn(monkeypatch):
+    _clean_environ(monkeypatch)
+    monkeypatch.setattr(_allocator, "_glibc", lambda: _RecordingLibc(answer=0))
+    with pytest.warns(RuntimeWarning, match="refused"):
+        assert skmetavi.tune_allocator(environ=True) is False
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
+def test_users_own_settings_are_detected(monkeypatch):
+    _clean_environ(monkeypatch)
+    assert not _allocator.user_has_chosen()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    assert _allocator.user_has_chosen()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    assert _allocator.user_has_chosen()
 
 
 @pytest.mark.parametrize("kw, error, match", [
     (dict(mmap_threshold=2**26), ValueError, "between 0 and 33554432"),
     (dict(mmap_threshold=-1), ValueError, "mmap_threshold"),
-    (dict(trim_threshold=-5), ValueError, "at least 0, got -5"),
+    (dict(trim_threshold=-5), ValueError, "trim_threshold must be between 0 and 2147483647"),
+    (dict(trim_threshold=2**32), ValueError, "C int"),
     (dict(trim_threshold=1.5), TypeError, "got float"),
     (dict(mmap_threshold=True), TypeError, "got bool"),
 ])
