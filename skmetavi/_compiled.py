@@ -46,7 +46,7 @@ import warnings
 
 import torch
 
-from skmetavi._inner import StepStats, _finite_tasks
+from skmetavi._inner import StepStats, _finite_tasks, negligible_to_zero
 from skmetavi._optim import SGD, Adam
 from skmetavi.models._protocol import GlobalLatent
 
@@ -96,7 +96,7 @@ def _plain_step(model, divergence, optimizer, params, state, tasks, eps):
         finite = _finite_tasks([lw])
         keep = finite.reshape(-1, 1, 1)
         zero = torch.zeros_like(lw)
-        w = divergence.particle_weights(torch.where(keep, lw, zero))
+        w = negligible_to_zero(divergence.particle_weights(torch.where(keep, lw, zero)))
         w = torch.where(keep, w, zero)
         return (w * log_w).sum(), (log_p.detach(), log_q.detach(), finite)
 

@@ -44,7 +44,7 @@ import torch
 from skmetavi import _tree
 from skmetavi._compiled import TensorLR, compile_function, describe_failure, recompile_limit
 from skmetavi._compiled import unsupported_reason as step_unsupported_reason
-from skmetavi._inner import _finite_tasks
+from skmetavi._inner import _finite_tasks, significant_weights
 from skmetavi._meta_losses import NegativeEvidence, PredictiveNLL, QuadratureLoss
 
 __all__ = ["CompiledMetaStep", "unsupported_reason"]
@@ -86,7 +86,7 @@ class _Weights(torch.nn.Module):
         self.divergence = divergence
 
     def forward(self, log_w):
-        return self.divergence.particle_weights(log_w)
+        return significant_weights(self.divergence.particle_weights, log_w)
 
 
 def _meta_loss(meta_loss, model, params, query, eps):

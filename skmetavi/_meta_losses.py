@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from skmetavi._inner import significant_logsumexp
 from skmetavi._tasks import gather_rows, minibatch
 
 __all__ = [
@@ -86,7 +87,7 @@ class PredictiveNLL:
         """Compute the loss (M,) from the model's noise ``eps``, drawn beforehand."""
         z = model.rsample(params, tasks, eps)
         log_lik = model.log_likelihood(params, tasks, z)[:, 0]  # (M, K, n)
-        lpd = torch.logsumexp(log_lik, dim=1) - math.log(log_lik.shape[1])  # (M, n)
+        lpd = significant_logsumexp(log_lik, 1) - math.log(log_lik.shape[1])  # (M, n)
         lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))  # padding may be non-finite
         return -lpd.sum(-1) / tasks.mask.sum(-1).clamp(min=1).to(lpd.dtype)
 
@@ -124,7 +125,7 @@ class NegativeEvidence:
         """Compute the loss (M,) from the model's noise ``eps`` (for the sites of ``tasks``)."""
         z = model.rsample(params, tasks, eps)
         log_w = model.log_p(params, tasks, z) - model.log_q(params, tasks, z)  # (M, S, K)
-        log_ev = torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])  # (M, S)
+        log_ev = significant_logsumexp(log_w, -1) - math.log(log_w.shape[-1])  # (M, S)
         site_w = model.site_weights(tasks)
         if site_w is None:
             return -log_ev.sum(-1) / tasks.mask.sum(-1).clamp(min=1).to(log_ev.dtype)
@@ -154,7 +155,7 @@ class HeldOutEntriesNLL:
         eps = model.sample_eps(params, tasks, self.n_particles, generator=generator)
         z = model.rsample(params, tasks, eps)
         log_lik = model.heldout_log_prob(params, tasks, z)  # (M, S, K)
-        lpd = torch.logsumexp(log_lik, -1) - math.log(self.n_particles)  # (M, S)
+        lpd = significant_logsumexp(log_lik, -1) - math.log(self.n_particles)  # (M, S)
         lpd = torch.where(tasks.mask, lpd, torch.zeros_like(lpd))
         counts = (tasks.fields["target"] & tasks.mask.unsqueeze(-1)).sum((-2, -1))
         return -lpd.sum(-1) / counts.clamp(min=1).to(lpd.dtype)
