@@ -107,13 +107,15 @@ def negligible_to_zero(w):
     ``eps`` is the machine epsilon of ``w``'s dtype (float32: 1.4e-14 of the
     largest weight; float64: 4.9e-32).  A particle with such a weight adds less
     than ``eps**2`` times its gradient to the direction: below the rounding of
-    the largest term unless its gradient is ``1 / eps`` times larger.  Keeping
-    these weights is not free: as q fits the data, the log weights of K
-    particles spread over hundreds of nats, and the products of the smallest
-    weights in the backward pass become subnormal numbers, which slowed an
-    Intel CPU's matrix products 2-5x (a BNN step at N = 1000 drifted from 1.4
-    to 7 ms within 1000 steps).  The mask is computed from the values, so the
-    kept weights stay differentiable in eta and phi.
+    the largest term unless its gradient is ``1 / eps`` times larger (the K
+    dropped weights together are below rounding for float32 and float64, not
+    for bfloat16 with K > 128).  Keeping these weights is not free: as q fits
+    the data, the log weights of K particles spread over hundreds of nats, and
+    the products of the smallest weights in the backward pass become subnormal
+    numbers, which slowed an Intel CPU's matrix products several-fold (a
+    float32 BNN step at N = 1000, compiled, drifted from 2.5 to 7.7 ms within
+    1 200 steps; with the mask it stays at 1.3 ms).  The mask is computed from
+    the values, so the kept weights stay differentiable in eta and phi.
     """
     return w.masked_fill(_negligible(w), 0.0)
 
@@ -122,14 +124,21 @@ def significant_weights(weights, log_w):
     """``negligible_to_zero(weights(log_w))``, with no derivative through the dropped particles.
 
     For directions that are differentiated again (meta-gradients): the
-    weights are evaluated a second time with the dropped particles' log
-    weights detached, so that the double backward sends nothing back through
-    those particles either (their share of ``d w / d log_w`` is as small as
-    their weight, and was subnormal too).  The values are those of
+    weights are evaluated a second time with the log weights of the particles
+    that are negligible both in ``w`` and in ``softmax(log_w)`` detached, so
+    that the double backward sends nothing back through those particles
+    either.  Both conditions are needed: a Rényi weight ``softmax(c log_w)``
+    depends on another particle's log weight through that particle's own
+    weight only, but an f-divergence's weights go through ``softmax(log_w)``,
+    where a particle with a negligible weight of its own (a decreasing
+    ``g``) can dominate the normaliser.  The values are those of
     :func:`negligible_to_zero`.
     """
-    drop = _negligible(weights(log_w.detach()))
-    w = weights(torch.where(drop, log_w.detach(), log_w))
+    lw = log_w.detach()
+    with torch.no_grad():
+        drop = _negligible(weights(lw))
+        cut = drop & _negligible(torch.softmax(lw, dim=-1))
+    w = weights(torch.where(cut, lw, log_w))
     return w.masked_fill(drop, 0.0)
 
 
@@ -350,7 +359,10 @@ def _local_direction(model, divergence, params, tasks, z, log_q, *, create_graph
     finite = torch.isfinite(log_w).all(-1).all(-1)  # (M,)
     keep = finite.view(-1, 1, 1, 1)
     rows = torch.where(keep, log_lik, torch.zeros_like(log_lik)).transpose(-1, -2)  # (M,1,n,K)
-    w_lik = negligible_to_zero(divergence.particle_weights(rows)).transpose(-1, -2)
+    if create_graph:
+        w_lik = significant_weights(divergence.particle_weights, rows).transpose(-1, -2)
+    else:
+        w_lik = negligible_to_zero(divergence.particle_weights(rows)).transpose(-1, -2)
     w_lik = w_lik * row_w.unsqueeze(-2)
     w_lik = torch.where(keep, w_lik, torch.zeros_like(w_lik))
     w_rest = torch.where(keep[..., 0], torch.full_like(log_rest, 1.0 / log_rest.shape[-1]),
