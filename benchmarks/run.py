@@ -634,6 +634,7 @@ def bench_batched(n_points, M=16, n_rep=5, compiled=True):
     out.update({"compiled_batched_s": t_cb, "compiled_loop_s": t_cl,
                 "compiled_ratio": t_l / t_cb, "compiled_ratio_vs_compiled_loop": t_cl / t_cb,
                 "compile_s": {v: c["first_s"] - c["median_s"] for v, c in cells.items()},
+                "compiled_task_chunk_size": cells["batched"]["task_chunk_size"],
                 "compiled_fell_back": any(c["fell_back"] for c in cells.values())})
     return out
 
@@ -656,7 +657,8 @@ def _compiled_cell(variant, n_points, M, n_rep):
         first = _first_call(fn)
         median = _median_time(fn, n_rep, n_warmup=1)
     return {"first_s": first, "median_s": median,
-            "fell_back": any(t._compiled is None for t in trainers)}
+            "fell_back": any(t._compiled is None for t in trainers),
+            "task_chunk_size": batched.task_chunk_size}
 
 
 def _first_call(fn):

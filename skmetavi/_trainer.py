@@ -73,7 +73,8 @@ class MetaTrainer:
     task_chunk_size : int, "auto" or None, default=None
         Tasks per chunk of an outer iteration (meta-gradients accumulated over
         the chunks; the same result); ``"auto"``:
-        :func:`~skmetavi._tasks.auto_task_chunk`; None: all at once.
+        :func:`~skmetavi._tasks.auto_task_chunk` (smaller chunks of one size
+        for a compiled iteration); None: all at once.
     process_group : torch.distributed group, default=None
         Shard the sampled tasks over the processes of an initialised group.
     compile : bool, default=False
@@ -136,16 +137,7 @@ class MetaTrainer:
         self.mode, self.truncate, self.batch_size = mode, truncate, batch_size
         self.generator, self.max_failures = generator, max_failures
         self.max_grad_norm = max_grad_norm
-        if task_chunk_size == "auto":
-            # The widest of the inner steps (support rows, or their minibatch) and the
-            # meta-loss (all query rows).
-            X = support.X
-            n_rows = max(X.shape[1] if batch_size is None else min(batch_size, X.shape[1]),
-                         query.X.shape[1])
-            task_chunk_size = auto_task_chunk(
-                model, min(n_tasks_per_batch, support.n_tasks), n_rows, X.shape[-1],
-                n_particles, dtype=X.dtype, device=X.device)
-        self.task_chunk_size = task_chunk_size
+        self.task_chunk_size = task_chunk_size  # "auto": resolved below
         self.implicit_steps, self.implicit_tol = implicit_steps, implicit_tol
         self.implicit_damping = implicit_damping
         self.fixed_noise = fixed_noise
@@ -179,6 +171,20 @@ class MetaTrainer:
             else:
                 warnings.warn(f"compile is not supported for this meta-iteration: {reason}; "
                               "it runs eagerly.", RuntimeWarning, stacklevel=2)
+        self._auto_chunk = task_chunk_size == "auto"
+        if self._auto_chunk:
+            self._resolve_auto_chunk()
+
+    def _resolve_auto_chunk(self):
+        """``task_chunk_size="auto"``: from the widest of the inner steps (support rows, or
+        their minibatch) and the meta-loss (all query rows); smaller chunks, of one size, for
+        a compiled iteration (again eager ones if compiling fails)."""
+        X, bs = self.support.X, self.batch_size
+        n_rows = max(X.shape[1] if bs is None else min(bs, X.shape[1]), self.query.X.shape[1])
+        self.task_chunk_size = auto_task_chunk(
+            self.model, min(self.n_tasks_per_batch, self.support.n_tasks), n_rows, X.shape[-1],
+            self.n_particles, dtype=X.dtype, device=X.device,
+            compiled=self._compiled is not None)
 
     # ----------------------------------------------------------- views
     learn_init = property(lambda self: self.strategy.learn_init)
@@ -318,6 +324,8 @@ class MetaTrainer:
                 J, params, state, ok, bound = out
                 return float(J.sum()), params, state, ok, _inner_loss(bound, support)
             self._compiled = None  # failed (warned): eager from now on, with the same noise
+            if self._auto_chunk:
+                self._resolve_auto_chunk()  # from the next iteration on
         losses = []
 
         def loss_at(b, p):

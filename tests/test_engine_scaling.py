@@ -147,6 +147,55 @@ def test_auto_task_chunk_sizes_chunks_from_the_widest_activation(n_rows, dtype, 
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    "n_rows, n_tasks, expected",
+    [
+        (1000, 16, 1),  # 2 MB per task: one task per 2 MiB chunk
+        (500, 16, 2),
+        (200, 16, 4),  # 400 KB per task: 5 fit, 4 is the largest divisor of 16 (one graph)
+        (200, 15, 5),
+        (200, 7, 1),  # a prime number of tasks: one at a time rather than a second graph
+        (40, 16, None),  # 80 KB per task: all 16 at once
+    ],
+)
+def test_auto_task_chunk_of_a_compiled_iteration_is_smaller_and_divides_the_batch(
+        n_rows, n_tasks, expected):
+    from skmetavi._tasks import auto_task_chunk
+
+    got = auto_task_chunk(_bnn_model(), n_tasks, n_rows, 1, 10, dtype=torch.float32,
+                          device="cpu", compiled=True)
+    assert got == expected
+
+
+def test_meta_trainer_resolves_auto_chunks_for_its_compiled_iteration(monkeypatch):
+    from skmetavi import MetaBNNRegressor, _compiled_meta
+    from skmetavi.datasets import make_sinusoid_tasks
+
+    X, y, g = make_sinusoid_tasks(16, 2000, random_state=0)  # 1000 support rows per task
+
+    def trainer(compile):
+        est = MetaBNNRegressor(hidden_layer_sizes=(50, 50), n_particles=10, n_inner_steps=1,
+                               n_tasks_per_batch=16, query_fraction=0.5, compile=compile,
+                               inner_optimizer="sgd", random_state=0)
+        est._setup_torch()
+        _, _, _, (bnn, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
+        return est._meta_trainer(bnn, support, query, gen, est._meta_divergence(False))
+
+    eager, compiled = trainer(False), trainer("meta_fit")
+    assert compiled._compiled is not None
+    assert (eager.task_chunk_size, compiled.task_chunk_size) == (4, 1)
+    # Compiling fails: the iteration runs eagerly, and eager chunks from the next one on.
+    def broken(with_init):
+        def fn(*args):
+            raise RuntimeError("inductor failed")
+        return fn
+
+    monkeypatch.setattr(_compiled_meta, "_get_compiled", broken)
+    with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
+        compiled.step()
+    assert compiled._compiled is None and compiled.task_chunk_size == 4
+
+
 def test_auto_task_chunk_counts_the_particles_when_they_are_the_widest():
     from skmetavi._tasks import AUTO_CHUNK_BYTES, auto_task_chunk
 
