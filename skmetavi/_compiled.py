@@ -123,11 +123,14 @@ RECOMPILE_LIMIT = 64
 _OWN_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
-def compile_function(fn):
-    """``torch.compile`` of ``fn`` as both compiled paths use it (one graph, guard filter)."""
+def compile_function(fn, **options):
+    """``torch.compile`` of ``fn`` as both compiled paths use it (one graph, guard filter).
+
+    ``options`` are Inductor's, on top of the guard filter.
+    """
     kw = {"recompile_limit": RECOMPILE_LIMIT} if _OWN_LIMIT else {}
     return torch.compile(fn, dynamic=None, fullgraph=True,
-                         options={"guard_filter_fn": _guard_filter}, **kw)
+                         options={"guard_filter_fn": _guard_filter, **options}, **kw)
 
 
 def recompile_limit():
@@ -157,7 +160,10 @@ def _get_compiled():
     """The process-wide compiled :func:`_plain_step` (one cache for every run)."""
     global _compiled_step
     if _compiled_step is None:
-        _compiled_step = compile_function(_plain_step)
+        # Inductor's C++ wrapper calls the step's ~70 kernels and allocations from C++ instead
+        # of Python: measured on a 2-core Intel Xeon (3 alternating rounds, one process each),
+        # a BNN step at N = 40 0.26-0.28 vs 0.29-0.33 ms, at N = 1000 1.24-1.34 vs 1.26-1.38 ms.
+        _compiled_step = compile_function(_plain_step, cpp_wrapper=True)
     return _compiled_step
 
 
