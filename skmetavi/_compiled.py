@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 import types
 import warnings
 
@@ -107,7 +108,8 @@ def _plain_step(model, divergence, optimizer, params, state, tasks, eps):
     return new, new_state, bound, finite
 
 
-_compiled_step = None
+#: The compiled :func:`_plain_step`, with and without Inductor's C++ wrapper.
+_compiled_steps = {}
 
 
 #: Global names whose guards are dropped: torch's own functions and modules and Python's
@@ -156,15 +158,25 @@ def _guard_filter(entries):
             for e in entries]
 
 
-def _get_compiled():
+def wants_cpp_wrapper(device):
+    """Whether the compiled step of tensors on ``device`` uses Inductor's C++ wrapper.
+
+    On the CPU, unless the environment sets ``TORCHINDUCTOR_CPP_WRAPPER``
+    (then Inductor's own setting is used).  The C++ wrapper calls the step's
+    ~70 kernels and allocations from C++ instead of Python: measured on a
+    2-core Intel Xeon (3 alternating rounds, one process each), a BNN step at
+    N = 40 0.26-0.28 vs 0.29-0.33 ms and at N = 1000 1.25-1.30 vs 1.29-1.34
+    ms (the rounds' medians).  Not measured on accelerators: off there.
+    """
+    return torch.device(device).type == "cpu" and "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ
+
+
+def _get_compiled(cpp_wrapper=False):
     """The process-wide compiled :func:`_plain_step` (one cache for every run)."""
-    global _compiled_step
-    if _compiled_step is None:
-        # Inductor's C++ wrapper calls the step's ~70 kernels and allocations from C++ instead
-        # of Python: measured on a 2-core Intel Xeon (3 alternating rounds, one process each),
-        # a BNN step at N = 40 0.26-0.28 vs 0.29-0.33 ms, at N = 1000 1.24-1.34 vs 1.26-1.38 ms.
-        _compiled_step = compile_function(_plain_step, cpp_wrapper=True)
-    return _compiled_step
+    if cpp_wrapper not in _compiled_steps:
+        options = {"cpp_wrapper": True} if cpp_wrapper else {}
+        _compiled_steps[cpp_wrapper] = compile_function(_plain_step, **options)
+    return _compiled_steps[cpp_wrapper]
 
 
 class TensorLR:
@@ -208,7 +220,9 @@ class CompiledStep:
     Calling it with ``(params, state, eps)`` returns ``(new_params, new_state,
     stats)`` as :func:`~skmetavi._inner.inner_step` would.  The first call
     compiles (tens of seconds on a CPU, less with the inductor's on-disk
-    cache); if compiling or running the compiled code raises, a
+    cache).  On the CPU it compiles with Inductor's C++ wrapper
+    (:func:`wants_cpp_wrapper`); if that raises, it compiles once more
+    without it.  If compiling or running the compiled code still raises, a
     ``RuntimeWarning`` is issued, :attr:`failed` is set and the caller falls
     back to the eager step.
     """
@@ -217,13 +231,13 @@ class CompiledStep:
         self.model, self.divergence, self.optimizer, self.tasks = model, divergence, optimizer, tasks
         self.failed = False
         self._lr = TensorLR(optimizer)
+        self.cpp_wrapper = wants_cpp_wrapper(tasks.X.device)
 
     def __call__(self, params, state, eps):
         try:
             optimizer = self._lr.optimizer(eps)
             with torch.no_grad(), recompile_limit():
-                new, new_state, bound, finite = _get_compiled()(
-                    self.model, self.divergence, optimizer, params, state, self.tasks, eps)
+                new, new_state, bound, finite = self._compiled_call(optimizer, params, state, eps)
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
             why = describe_failure(exc)
@@ -235,3 +249,14 @@ class CompiledStep:
             )
             return None
         return new, new_state, StepStats(bound, finite)
+
+    def _compiled_call(self, optimizer, params, state, eps):
+        args = (self.model, self.divergence, optimizer, params, state, self.tasks, eps)
+        if self.cpp_wrapper:
+            try:
+                return _get_compiled(True)(*args)
+            except Exception as exc:  # noqa: BLE001 - once more without the C++ wrapper
+                if "RecompileLimit" in type(exc).__name__:
+                    raise
+                self.cpp_wrapper = False
+        return _get_compiled(False)(*args)

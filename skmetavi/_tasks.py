@@ -181,8 +181,9 @@ def auto_task_chunk(model, n_tasks, n_rows, n_features, n_particles, *, dtype, d
     On the CPU, as many tasks per chunk as keep the model's largest per-chunk
     intermediate (``model.elements_per_task``) near :data:`AUTO_CHUNK_BYTES`
     (:data:`AUTO_CHUNK_BYTES_COMPILED` for a compiled meta-iteration, whose
-    chunks are then also of one size, a divisor of ``n_tasks``: a chunk of
-    another size would compile a second graph); all at once on an accelerator
+    chunks are then of one size where a divisor of ``n_tasks`` is at least
+    half the budget's chunk, and otherwise balanced, of at most two sizes:
+    every size compiles a graph of its own); all at once on an accelerator
     (which wants large batches), for a model that does not tell its size, or
     when every task fits in one chunk.  Chunking does not change the result
     (:class:`TaskNoise`), only speed and memory.
@@ -213,7 +214,11 @@ def auto_task_chunk(model, n_tasks, n_rows, n_features, n_particles, *, dtype, d
     if chunk >= n_tasks:
         return None
     if compiled:
-        chunk = max(d for d in range(1, chunk + 1) if n_tasks % d == 0)
+        # One graph per chunk size: a divisor of n_tasks near the budget, else balanced
+        # chunks (at most two sizes) rather than many small ones.
+        divisor = max(d for d in range(1, chunk + 1) if n_tasks % d == 0)
+        n_chunks = -(-n_tasks // chunk)
+        chunk = divisor if 2 * divisor >= chunk else -(-n_tasks // n_chunks)
     return int(chunk)
 
 

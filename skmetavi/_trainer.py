@@ -137,7 +137,7 @@ class MetaTrainer:
         self.mode, self.truncate, self.batch_size = mode, truncate, batch_size
         self.generator, self.max_failures = generator, max_failures
         self.max_grad_norm = max_grad_norm
-        self.task_chunk_size = task_chunk_size  # "auto": resolved below
+        self._task_chunk_size = task_chunk_size  # "auto": resolved below
         self.implicit_steps, self.implicit_tol = implicit_steps, implicit_tol
         self.implicit_damping = implicit_damping
         self.fixed_noise = fixed_noise
@@ -175,16 +175,26 @@ class MetaTrainer:
         if self._auto_chunk:
             self._resolve_auto_chunk()
 
+    @property
+    def task_chunk_size(self):
+        """Tasks per chunk (None: all of this process's tasks at once)."""
+        return self._task_chunk_size
+
+    @task_chunk_size.setter
+    def task_chunk_size(self, value):
+        self._task_chunk_size, self._auto_chunk = value, False  # the user's choice from now on
+
     def _resolve_auto_chunk(self):
         """``task_chunk_size="auto"``: from the widest of the inner steps (support rows, or
-        their minibatch) and the meta-loss (all query rows); smaller chunks, of one size, for
-        a compiled iteration (again eager ones if compiling fails)."""
+        their minibatch) and the meta-loss (all query rows), for this process's share of a
+        batch; smaller chunks for a compiled iteration (eager ones again if compiling fails)."""
         X, bs = self.support.X, self.batch_size
         n_rows = max(X.shape[1] if bs is None else min(bs, X.shape[1]), self.query.X.shape[1])
-        self.task_chunk_size = auto_task_chunk(
-            self.model, min(self.n_tasks_per_batch, self.support.n_tasks), n_rows, X.shape[-1],
-            self.n_particles, dtype=X.dtype, device=X.device,
-            compiled=self._compiled is not None)
+        M = min(self.n_tasks_per_batch, self.support.n_tasks)
+        n_mine = max(1, _distributed.shard(M, self.rank, self.world_size).numel())
+        self._task_chunk_size = auto_task_chunk(
+            self.model, n_mine, n_rows, X.shape[-1], self.n_particles, dtype=X.dtype,
+            device=X.device, compiled=self._compiled is not None)
 
     # ----------------------------------------------------------- views
     learn_init = property(lambda self: self.strategy.learn_init)

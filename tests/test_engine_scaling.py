@@ -154,7 +154,8 @@ def test_auto_task_chunk_sizes_chunks_from_the_widest_activation(n_rows, dtype, 
         (500, 16, 2),
         (200, 16, 4),  # 400 KB per task: 5 fit, 4 is the largest divisor of 16 (one graph)
         (200, 15, 5),
-        (200, 7, 1),  # a prime number of tasks: one at a time rather than a second graph
+        (200, 7, 4),  # 5 fit, no divisor near it: balanced chunks of 4 and 3 (two graphs)
+        (70, 17, 9),  # 14 fit, 17 is prime: 9 + 8 rather than 17 chunks of one
         (40, 16, None),  # 80 KB per task: all 16 at once
     ],
 )
@@ -194,6 +195,35 @@ def test_meta_trainer_resolves_auto_chunks_for_its_compiled_iteration(monkeypatc
     with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
         compiled.step()
     assert compiled._compiled is None and compiled.task_chunk_size == 4
+
+
+def test_auto_chunks_are_sized_for_this_processs_share_and_a_users_choice_stays(monkeypatch):
+    from skmetavi import MetaBNNRegressor, _compiled_meta
+    from skmetavi.datasets import make_sinusoid_tasks
+
+    X, y, g = make_sinusoid_tasks(16, 400, random_state=0)  # 200 support rows per task
+    est = MetaBNNRegressor(hidden_layer_sizes=(50, 50), n_particles=10, n_inner_steps=1,
+                           n_tasks_per_batch=16, query_fraction=0.5, compile="meta_fit",
+                           inner_optimizer="sgd", random_state=0)
+    est._setup_torch()
+    _, _, _, (bnn, support, query, gen, _) = est._meta_fit_inputs(X, y, g)
+    tr = est._meta_trainer(bnn, support, query, gen, est._meta_divergence(False))
+    assert tr.task_chunk_size == 4  # 400 KB per task: 4 of 16
+    tr.rank, tr.world_size = 1, 3  # this process takes 5 of the 16 tasks: one chunk
+    tr._resolve_auto_chunk()
+    assert tr.task_chunk_size is None
+    tr.rank, tr.world_size = 0, 1
+    tr.task_chunk_size = 16  # the user's choice survives a failed compile
+
+    def broken(with_init):
+        def fn(*args):
+            raise RuntimeError("inductor failed")
+        return fn
+
+    monkeypatch.setattr(_compiled_meta, "_get_compiled", broken)
+    with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
+        tr.step()
+    assert tr._compiled is None and tr.task_chunk_size == 16
 
 
 def test_auto_task_chunk_counts_the_particles_when_they_are_the_widest():

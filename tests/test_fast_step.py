@@ -160,7 +160,7 @@ def test_compile_unsupported_configuration_runs_eagerly():
 
 
 def test_compile_failure_falls_back_to_eager_with_the_same_noise(monkeypatch):
-    def broken():
+    def broken(cpp_wrapper=False):
         def fail(*args, **kwargs):
             raise RuntimeError("no compiler here")
         return fail
@@ -176,6 +176,38 @@ def test_compile_failure_falls_back_to_eager_with_the_same_noise(monkeypatch):
         run.step(), crun.step()
     for k, v in run.params.items():
         assert torch.equal(crun.params[k], v), k
+
+
+def test_a_failing_cpp_wrapper_is_retried_without_it(monkeypatch):
+    calls = []
+
+    def compiled(cpp_wrapper=False):
+        calls.append(cpp_wrapper)
+        if cpp_wrapper:
+            def fail(*args, **kwargs):
+                raise RuntimeError("C++ compile error")
+            return fail
+        return _compiled._plain_step  # run eagerly: the same maths
+
+    monkeypatch.setattr(_compiled, "_get_compiled", compiled)
+    run = _run(Renyi(0.5, learnable=False), "adam")
+    crun = _compiled_run(run)
+    assert crun._compiled.cpp_wrapper
+    for _ in range(3):
+        run.step(), crun.step()  # no warning (warnings are errors here)
+    assert calls == [True, False, False, False] and crun._compiled is not None
+    assert not crun._compiled.cpp_wrapper
+    for k, v in run.params.items():
+        torch.testing.assert_close(crun.params[k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_cpp_wrapper_is_for_cpu_steps_unless_the_environment_chooses(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    assert _compiled.wants_cpp_wrapper("cpu")
+    assert not _compiled.wants_cpp_wrapper("meta")
+    assert not _compiled.wants_cpp_wrapper(torch.device("cuda", 0))
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")
+    assert not _compiled.wants_cpp_wrapper("cpu")
 
 
 @pytest.mark.parametrize("n_features", [1, 3])

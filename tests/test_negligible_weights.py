@@ -114,7 +114,7 @@ def _exact_weights(monkeypatch):
 
 def _compiled_paths_run_eagerly(monkeypatch):
     """``compile=True`` / ``"meta_fit"`` take the compiled paths' functions, uncompiled."""
-    monkeypatch.setattr(_compiled, "_get_compiled", lambda: _compiled._plain_step)
+    monkeypatch.setattr(_compiled, "_get_compiled", lambda cpp_wrapper=False: _compiled._plain_step)
     monkeypatch.setattr(
         _compiled_meta, "_get_compiled",
         lambda with_init: (_compiled_meta._meta_gradient_eta_init if with_init
