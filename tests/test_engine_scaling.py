@@ -168,8 +168,21 @@ def test_auto_task_chunk_of_a_compiled_iteration_is_smaller_and_divides_the_batc
     assert got == expected
 
 
+def _step_with_a_failing_compile(monkeypatch, trainer):
+    from skmetavi import _compiled_meta
+
+    def broken(with_init):
+        def fn(*args):
+            raise RuntimeError("inductor failed")
+        return fn
+
+    monkeypatch.setattr(_compiled_meta, "_get_compiled", broken)
+    with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
+        trainer.step()
+
+
 def test_meta_trainer_resolves_auto_chunks_for_its_compiled_iteration(monkeypatch):
-    from skmetavi import MetaBNNRegressor, _compiled_meta
+    from skmetavi import MetaBNNRegressor
     from skmetavi.datasets import make_sinusoid_tasks
 
     X, y, g = make_sinusoid_tasks(16, 2000, random_state=0)  # 1000 support rows per task
@@ -186,19 +199,12 @@ def test_meta_trainer_resolves_auto_chunks_for_its_compiled_iteration(monkeypatc
     assert compiled._compiled is not None
     assert (eager.task_chunk_size, compiled.task_chunk_size) == (4, 1)
     # Compiling fails: the iteration runs eagerly, and eager chunks from the next one on.
-    def broken(with_init):
-        def fn(*args):
-            raise RuntimeError("inductor failed")
-        return fn
-
-    monkeypatch.setattr(_compiled_meta, "_get_compiled", broken)
-    with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
-        compiled.step()
+    _step_with_a_failing_compile(monkeypatch, compiled)
     assert compiled._compiled is None and compiled.task_chunk_size == 4
 
 
 def test_auto_chunks_are_sized_for_this_processs_share_and_a_users_choice_stays(monkeypatch):
-    from skmetavi import MetaBNNRegressor, _compiled_meta
+    from skmetavi import MetaBNNRegressor
     from skmetavi.datasets import make_sinusoid_tasks
 
     X, y, g = make_sinusoid_tasks(16, 400, random_state=0)  # 200 support rows per task
@@ -214,15 +220,7 @@ def test_auto_chunks_are_sized_for_this_processs_share_and_a_users_choice_stays(
     assert tr.task_chunk_size is None
     tr.rank, tr.world_size = 0, 1
     tr.task_chunk_size = 16  # the user's choice survives a failed compile
-
-    def broken(with_init):
-        def fn(*args):
-            raise RuntimeError("inductor failed")
-        return fn
-
-    monkeypatch.setattr(_compiled_meta, "_get_compiled", broken)
-    with pytest.warns(RuntimeWarning, match="compiled meta-iteration failed"):
-        tr.step()
+    _step_with_a_failing_compile(monkeypatch, tr)
     assert tr._compiled is None and tr.task_chunk_size == 16
 
 
