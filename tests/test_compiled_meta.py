@@ -144,7 +144,7 @@ def test_nothing_to_meta_learn_is_not_compiled():
 
 
 def test_compilation_failure_falls_back_with_the_same_noise(monkeypatch):
-    def broken(with_init):
+    def broken(with_init, cpp_wrapper=False):
         def fn(*args):
             raise RuntimeError("inductor exploded")
         return fn
@@ -157,6 +157,29 @@ def test_compilation_failure_falls_back_with_the_same_noise(monkeypatch):
     assert comp._compiled is None  # eager from now on
     assert j_c == eager.step()  # the draws were replayed: the same iteration exactly
     assert comp.step() == eager.step()
+
+
+def test_a_failing_cpp_wrapper_is_retried_without_it(monkeypatch):
+    calls = []
+
+    def compiled(with_init, cpp_wrapper=False):
+        calls.append(cpp_wrapper)
+        if cpp_wrapper:
+            def fn(*args):
+                raise RuntimeError("C++ compile error")
+            return fn
+        # Run the compiled path's own function eagerly: the same maths, no compile.
+        return (_compiled_meta._meta_gradient_eta_init if with_init
+                else _compiled_meta._meta_gradient_eta)
+
+    monkeypatch.setattr(_compiled_meta, "_get_compiled", compiled)
+    eager, comp = _trainer(False), _trainer("meta_fit")
+    assert comp._compiled.cpp_wrapper
+    for _ in range(2):
+        j_c, j_e = comp.step(), eager.step()  # no warning (warnings are errors here)
+        assert j_c == pytest.approx(j_e, rel=1e-10)
+    assert calls == [True, False, False]
+    assert comp._compiled is not None and not comp._compiled.cpp_wrapper
 
 
 @pytest.mark.parametrize("compile, fit_compiled, meta_compiled", [

@@ -171,7 +171,7 @@ def test_auto_task_chunk_of_a_compiled_iteration_is_smaller_and_divides_the_batc
 def _step_with_a_failing_compile(monkeypatch, trainer):
     from skmetavi import _compiled_meta
 
-    def broken(with_init):
+    def broken(with_init, cpp_wrapper=False):
         def fn(*args):
             raise RuntimeError("inductor failed")
         return fn

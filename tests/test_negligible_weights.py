@@ -117,7 +117,7 @@ def _compiled_paths_run_eagerly(monkeypatch):
     monkeypatch.setattr(_compiled, "_get_compiled", lambda cpp_wrapper=False: _compiled._plain_step)
     monkeypatch.setattr(
         _compiled_meta, "_get_compiled",
-        lambda with_init: (_compiled_meta._meta_gradient_eta_init if with_init
+        lambda with_init, cpp_wrapper=False: (_compiled_meta._meta_gradient_eta_init if with_init
                            else _compiled_meta._meta_gradient_eta))
 
 
