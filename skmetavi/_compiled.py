@@ -51,8 +51,8 @@ from skmetavi._inner import StepStats, _finite_tasks, negligible_to_zero
 from skmetavi._optim import SGD, Adam
 from skmetavi.models._protocol import GlobalLatent
 
-__all__ = ["CompiledStep", "TensorLR", "compile_function", "describe_failure", "recompile_limit",
-           "unsupported_reason"]
+__all__ = ["CompiledStep", "TensorLR", "call_compiled", "compile_function", "describe_failure",
+           "recompile_limit", "unsupported_reason"]
 
 
 def unsupported_reason(model, divergence, optimizer, tasks, batch_size):
@@ -125,14 +125,36 @@ RECOMPILE_LIMIT = 64
 _OWN_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
-def compile_function(fn, **options):
+def compile_function(fn, *, cpp_wrapper=False):
     """``torch.compile`` of ``fn`` as both compiled paths use it (one graph, guard filter).
 
-    ``options`` are Inductor's, on top of the guard filter.
+    ``cpp_wrapper``: with Inductor's C++ wrapper (:func:`wants_cpp_wrapper`).
     """
     kw = {"recompile_limit": RECOMPILE_LIMIT} if _OWN_LIMIT else {}
-    return torch.compile(fn, dynamic=None, fullgraph=True,
-                         options={"guard_filter_fn": _guard_filter, **options}, **kw)
+    options = {"guard_filter_fn": _guard_filter}
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
+    return torch.compile(fn, dynamic=None, fullgraph=True, options=options, **kw)
+
+
+def call_compiled(owner, get_compiled, args):
+    """``get_compiled(owner.cpp_wrapper)(*args)``; a failing C++ wrapper is retried without it.
+
+    After such a failure ``owner.cpp_wrapper`` is False for good.  A reached
+    recompile limit is raised as it is (the other graph would not help).
+    """
+    if owner.cpp_wrapper:
+        try:
+            return get_compiled(True)(*args)
+        except Exception as exc:  # noqa: BLE001 - once more without the C++ wrapper
+            if _is_recompile_limit(exc):
+                raise
+            owner.cpp_wrapper = False
+    return get_compiled(False)(*args)
+
+
+def _is_recompile_limit(exc):
+    return "RecompileLimit" in type(exc).__name__
 
 
 def recompile_limit():
@@ -159,7 +181,7 @@ def _guard_filter(entries):
 
 
 def wants_cpp_wrapper(device):
-    """Whether the compiled step of tensors on ``device`` uses Inductor's C++ wrapper.
+    """Whether the compiled paths for tensors on ``device`` use Inductor's C++ wrapper.
 
     On the CPU, unless the environment sets ``TORCHINDUCTOR_CPP_WRAPPER``
     (then Inductor's own setting is used).  The C++ wrapper calls the step's
@@ -174,8 +196,7 @@ def wants_cpp_wrapper(device):
 def _get_compiled(cpp_wrapper=False):
     """The process-wide compiled :func:`_plain_step` (one cache for every run)."""
     if cpp_wrapper not in _compiled_steps:
-        options = {"cpp_wrapper": True} if cpp_wrapper else {}
-        _compiled_steps[cpp_wrapper] = compile_function(_plain_step, **options)
+        _compiled_steps[cpp_wrapper] = compile_function(_plain_step, cpp_wrapper=cpp_wrapper)
     return _compiled_steps[cpp_wrapper]
 
 
@@ -208,7 +229,7 @@ class TensorLR:
 
 def describe_failure(exc):
     """Say why compiling failed, in a clause for a warning."""
-    if "RecompileLimit" in type(exc).__name__:
+    if _is_recompile_limit(exc):
         return (f"this process has already compiled it for {RECOMPILE_LIMIT} "
                 "configurations (model, divergence class, dtype, particles, ...)")
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -237,7 +258,9 @@ class CompiledStep:
         try:
             optimizer = self._lr.optimizer(eps)
             with torch.no_grad(), recompile_limit():
-                new, new_state, bound, finite = self._compiled_call(optimizer, params, state, eps)
+                new, new_state, bound, finite = call_compiled(
+                    self, _get_compiled,
+                    (self.model, self.divergence, optimizer, params, state, self.tasks, eps))
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
             why = describe_failure(exc)
@@ -249,14 +272,3 @@ class CompiledStep:
             )
             return None
         return new, new_state, StepStats(bound, finite)
-
-    def _compiled_call(self, optimizer, params, state, eps):
-        args = (self.model, self.divergence, optimizer, params, state, self.tasks, eps)
-        if self.cpp_wrapper:
-            try:
-                return _get_compiled(True)(*args)
-            except Exception as exc:  # noqa: BLE001 - once more without the C++ wrapper
-                if "RecompileLimit" in type(exc).__name__:
-                    raise
-                self.cpp_wrapper = False
-        return _get_compiled(False)(*args)

@@ -42,8 +42,8 @@ import warnings
 import torch
 
 from skmetavi import _tree
-from skmetavi._compiled import (TensorLR, compile_function, describe_failure, recompile_limit,
-                                wants_cpp_wrapper)
+from skmetavi._compiled import (TensorLR, call_compiled, compile_function, describe_failure,
+                                recompile_limit, wants_cpp_wrapper)
 from skmetavi._compiled import unsupported_reason as step_unsupported_reason
 from skmetavi._inner import _finite_tasks, significant_weights
 from skmetavi._meta_losses import NegativeEvidence, PredictiveNLL, QuadratureLoss
@@ -194,7 +194,7 @@ def _get_compiled(with_init, cpp_wrapper=False):
     key = (with_init, cpp_wrapper)
     if key not in _compiled:
         fn = _meta_gradient_eta_init if with_init else _meta_gradient_eta
-        _compiled[key] = compile_function(fn, **({"cpp_wrapper": True} if cpp_wrapper else {}))
+        _compiled[key] = compile_function(fn, cpp_wrapper=cpp_wrapper)
     return _compiled[key]
 
 
@@ -262,7 +262,8 @@ class CompiledMetaStep:
             args = (eta, start, state, self.weights, tr.model, optimizer, tr.meta_loss,
                     support, query, inner_eps, loss_eps, n_total)
             with torch.no_grad(), recompile_limit():
-                grads, (_, aux) = self._compiled_call(with_init, args)
+                grads, (_, aux) = call_compiled(
+                    self, lambda cpp_wrapper: _get_compiled(with_init, cpp_wrapper), args)
         except Exception as exc:  # noqa: BLE001 - any compiler error falls back to eager
             self.failed = True
             if start_counter is not None:
@@ -282,14 +283,3 @@ class CompiledMetaStep:
                 if outs:
                     torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
         return J, new_params, new_state, ok, bound
-
-    def _compiled_call(self, with_init, args):
-        """The compiled meta-gradient; a failing C++ wrapper is retried without it."""
-        if self.cpp_wrapper:
-            try:
-                return _get_compiled(with_init, True)(*args)
-            except Exception as exc:  # noqa: BLE001 - once more without the C++ wrapper
-                if "RecompileLimit" in type(exc).__name__:
-                    raise
-                self.cpp_wrapper = False
-        return _get_compiled(with_init, False)(*args)

@@ -142,6 +142,17 @@ def significant_weights(weights, log_w):
     return w.masked_fill(drop, 0.0)
 
 
+def _direction_weights(divergence, log_w, create_graph):
+    """The divergence's weights of an inner direction, negligible ones zero.
+
+    :func:`significant_weights` where the direction is differentiated again
+    (``create_graph``), :func:`negligible_to_zero` otherwise.
+    """
+    if create_graph:
+        return significant_weights(divergence.particle_weights, log_w)
+    return negligible_to_zero(divergence.particle_weights(log_w))
+
+
 def significant_logsumexp(x, dim):
     """``torch.logsumexp(x, dim)``, its gradient's negligible entries (below ``eps**2``) zero.
 
@@ -255,11 +266,7 @@ def inner_direction(model, divergence, params, tasks, eps, *, create_graph):
     keep = finite.unsqueeze(-1) if site_w is None else valid & finite.unsqueeze(-1)
     keep = keep.unsqueeze(-1)  # (M, S or 1, 1)
     log_w_safe = torch.where(keep, log_w, torch.zeros_like(log_w))
-    # (M, S, K), differentiable in eta
-    if create_graph:
-        w = significant_weights(divergence.particle_weights, log_w_safe)
-    else:
-        w = negligible_to_zero(divergence.particle_weights(log_w_safe))
+    w = _direction_weights(divergence, log_w_safe, create_graph)  # (M, S, K), in eta
     w = torch.where(keep, w, torch.zeros_like(w))
     if site_w is not None:
         w = w * site_w.unsqueeze(-1)
@@ -359,10 +366,7 @@ def _local_direction(model, divergence, params, tasks, z, log_q, *, create_graph
     finite = torch.isfinite(log_w).all(-1).all(-1)  # (M,)
     keep = finite.view(-1, 1, 1, 1)
     rows = torch.where(keep, log_lik, torch.zeros_like(log_lik)).transpose(-1, -2)  # (M,1,n,K)
-    if create_graph:
-        w_lik = significant_weights(divergence.particle_weights, rows).transpose(-1, -2)
-    else:
-        w_lik = negligible_to_zero(divergence.particle_weights(rows)).transpose(-1, -2)
+    w_lik = _direction_weights(divergence, rows, create_graph).transpose(-1, -2)
     w_lik = w_lik * row_w.unsqueeze(-2)
     w_lik = torch.where(keep, w_lik, torch.zeros_like(w_lik))
     w_rest = torch.where(keep[..., 0], torch.full_like(log_rest, 1.0 / log_rest.shape[-1]),
