@@ -5,6 +5,7 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -20,3 +21,18 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fast", max_examples=30, **_COMMON)
 settings.register_profile("slow", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("SKMETAVI_HYPOTHESIS_PROFILE", "fast"))
+
+
+@pytest.fixture
+def malloc_settings_cleared(monkeypatch):
+    """No ``MALLOC_*`` / ``GLIBC_TUNABLES`` settings during a test, restored after it.
+
+    Each variable is set before it is deleted, so that monkeypatch records its original
+    (set or not) and undoes whatever the test, or ``tune_allocator(environ=True)`` writing
+    ``os.environ`` directly, leaves behind.
+    """
+    from skmetavi import _allocator
+
+    for name in (*_allocator._USER_SETTINGS, "GLIBC_TUNABLES"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)

@@ -50,13 +50,6 @@ def _faults(mode):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _clean_environ(monkeypatch):
-    """Unset the MALLOC_* settings for one test; whatever the test sets is undone after it."""
-    for name in (*_allocator._USER_SETTINGS, "GLIBC_TUNABLES"):
-        monkeypatch.setenv(name, "")  # records the original (set or not) for the undo
-        monkeypatch.delenv(name)
-
-
 @needs_glibc
 def test_tuned_allocator_reuses_freed_buffers():
     # 12 MB written per repetition: about 3 300 fresh pages each time with glibc's defaults.
@@ -74,8 +67,7 @@ class _RecordingLibc:
         return self.answer
 
 
-def test_mallopt_gets_the_thresholds_and_environ_keeps_the_users(monkeypatch):
-    _clean_environ(monkeypatch)
+def test_mallopt_gets_the_thresholds_and_environ_keeps_the_users(monkeypatch, malloc_settings_cleared):
     libc = _RecordingLibc()
     monkeypatch.setattr(_allocator, "_glibc", lambda: libc)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
@@ -87,16 +79,14 @@ def test_mallopt_gets_the_thresholds_and_environ_keeps_the_users(monkeypatch):
     assert libc.calls[-1] == (-1, 2**31 - 1)
 
 
-def test_refused_thresholds_warn(monkeypatch):
-    _clean_environ(monkeypatch)
+def test_refused_thresholds_warn(monkeypatch, malloc_settings_cleared):
     monkeypatch.setattr(_allocator, "_glibc", lambda: _RecordingLibc(answer=0))
     with pytest.warns(RuntimeWarning, match="refused"):
         assert skmetavi.tune_allocator(environ=True) is False
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
-def test_users_own_settings_are_detected(monkeypatch):
-    _clean_environ(monkeypatch)
+def test_users_own_settings_are_detected(monkeypatch, malloc_settings_cleared):
     assert not _allocator.user_has_chosen()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
     assert _allocator.user_has_chosen()

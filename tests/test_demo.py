@@ -25,17 +25,17 @@ def _drawn_fraction(path):
 
 
 def _record_tuning(monkeypatch):
-    """Stand in for tune_allocator (no process-wide change); the list of its calls."""
-    for name in (*_allocator._USER_SETTINGS, "GLIBC_TUNABLES"):
-        monkeypatch.setenv(name, "")  # records the original for the undo
-        monkeypatch.delenv(name)
+    """Stand in for tune_allocator (no process-wide change); the list of its calls.
+
+    For tests that also take the ``malloc_settings_cleared`` fixture.
+    """
     calls = []
     monkeypatch.setattr(_allocator, "_glibc", lambda: object())
     monkeypatch.setattr(_allocator, "tune_allocator", lambda **kw: calls.append(kw))
     return calls
 
 
-def test_demo_cli_smoke(tmp_path, capsys, monkeypatch):
+def test_demo_cli_smoke(tmp_path, capsys, monkeypatch, malloc_settings_cleared):
     calls = _record_tuning(monkeypatch)
     assert main(["demo", "--budget", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     assert calls == [{"environ": True}]  # the command line tunes its process and its workers
@@ -93,7 +93,8 @@ def _has_ml100k():
                for d in (home, home / "ml-100k"))
 
 
-def test_reproduce_all_smoke_writes_one_report(tmp_path, capsys, monkeypatch):
+def test_reproduce_all_smoke_writes_one_report(tmp_path, capsys, monkeypatch,
+                                                malloc_settings_cleared):
     from skmetavi import experiments
 
     calls = _record_tuning(monkeypatch)
