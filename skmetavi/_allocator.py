@@ -16,7 +16,23 @@ back to the system.
 
 This is a process-wide setting, so skmetavi never applies it on import or in
 an estimator; the command line (``skmetavi demo``, ``skmetavi reproduce``)
-does, for the processes it owns.  The same effect without code, for any
+does, for the processes it owns.
+
+What the engine does by itself, once per process, before its first CPU run
+(:func:`adapt_heap`): it maps and unmaps one untouched block just under 32
+MiB.  glibc's own dynamic heuristic then raises the mmap threshold to the
+size of that block and the trim threshold to twice it -- what freeing any
+large array (one JAX matmul, a numpy copy) does in any program -- so that the
+step's buffers are reused without a ``mallopt`` call: measured on the 2-core
+AMD VM, one fresh process each, a compiled BNN step at N = 1000 3.8 -> 2.0 ms
+(1 087 -> 0 page faults per step), the eager one 5.6 -> 4.8 ms, a loop of 16
+single-task meta-iterations 1.58 -> 1.23 s (as with :func:`tune_allocator`),
+a batched one 1.27 -> 1.08 s (1.02 s with :func:`tune_allocator`, whose trim
+threshold is 1 GiB).  The cost: up to about 62 MiB freed at the top of the
+heap stays with the process.  It does nothing where the C library is not
+glibc, where the environment sets glibc's thresholds (``MALLOC_*``,
+``glibc.malloc.*``) and after ``mallopt`` (:func:`tune_allocator`), which
+switches glibc's dynamic threshold off.  The same effect without code, for any
 program: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
 in the environment (or, glibc 2.26 and newer, ``GLIBC_TUNABLES=glibc.malloc.
 mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``), or a
@@ -35,7 +51,9 @@ import sys
 import warnings
 from numbers import Integral
 
-__all__ = ["tune_allocator"]
+import torch
+
+__all__ = ["adapt_heap", "tune_allocator"]
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -43,6 +61,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MAX_MMAP_THRESHOLD = 32 * 2**20
 #: ``mallopt`` takes a C ``int``.
 _MAX_INT = 2**31 - 1
+#: The block :func:`adapt_heap` maps and frees: under ``MAX_MMAP_THRESHOLD`` with glibc's
+#: chunk header and page rounding, so that freeing it moves the dynamic threshold.
+ADAPT_BYTES = 31 * 2**20
+#: Whether :func:`adapt_heap` has run in this process.
+_adapted = False
 #: Environment variables by which a user has already chosen glibc's malloc settings.
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                   "MALLOC_MMAP_MAX_")
@@ -57,6 +80,8 @@ def _glibc():
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc (musl)
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         libc.mallopt.restype = ctypes.c_int
+        libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
+        libc.free.argtypes, libc.free.restype = (ctypes.c_void_p,), None
     except (OSError, AttributeError):
         return None
     return libc
@@ -66,6 +91,42 @@ def user_has_chosen():
     """Whether the environment already sets glibc's malloc thresholds (then leave them)."""
     return (any(name in os.environ for name in _USER_SETTINGS)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+
+
+def adapt_heap(device):
+    """Let glibc's dynamic mmap threshold adapt to big buffers, once per process (CPU only).
+
+    Maps and frees one untouched block of :data:`ADAPT_BYTES` bytes; glibc
+    raises its mmap threshold to that size and its trim threshold to twice
+    it (its documented dynamic behaviour, see ``mallopt(3)``), so that the
+    multi-megabyte buffers a VI step frees are reused instead of coming back
+    as fresh zero-filled pages.  No ``mallopt`` call, no page touched.  The
+    engine calls it when a run or a meta-trainer starts.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        The device of the run's tensors: nothing is done for any but the CPU.
+
+    Returns
+    -------
+    done : bool
+        True if the block was mapped and freed now; False where it had been
+        before in this process, for another device, where the environment
+        sets glibc's malloc thresholds, or off glibc.
+    """
+    global _adapted
+    if _adapted or torch.device(device).type != "cpu" or user_has_chosen():
+        return False
+    _adapted = True
+    libc = _glibc()
+    if libc is None:
+        return False
+    block = libc.malloc(ADAPT_BYTES)
+    if not block:
+        return False
+    libc.free(block)
+    return True
 
 
 def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, environ=False):

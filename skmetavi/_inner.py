@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from skmetavi import _tree
+from skmetavi._allocator import adapt_heap
 from skmetavi._optim import map_param_state
 from skmetavi._tasks import gather_rows, minibatch, scatter_rows
 from skmetavi.models._protocol import GlobalLatent
@@ -593,6 +594,7 @@ class VIRun:
         self._any_failures = False
         self.n_iter = 0
         self._compiled = None
+        adapt_heap(tasks.X.device)  # once per process: glibc reuses the steps' freed buffers
         if compile:
             from skmetavi._compiled import CompiledStep, unsupported_reason
 

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from skmetavi import _distributed, _tree
+from skmetavi._allocator import adapt_heap
 from skmetavi._implicit import implicit_meta_gradient
 from skmetavi._inner import NonFiniteError, finite_params, inner_loop
 from skmetavi._optim import Adam
@@ -162,6 +163,7 @@ class MetaTrainer:
         self._zero_grad_run = 0
         self._warned = set()
         self._compiled = None
+        adapt_heap(support.X.device)  # once per process: glibc reuses the freed buffers
         if compile:
             from skmetavi._compiled_meta import CompiledMetaStep, unsupported_reason
 

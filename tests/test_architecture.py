@@ -42,6 +42,7 @@ TORCH_ONLY = sorted(
         PACKAGE_DIR / "_trainer.py",
         PACKAGE_DIR / "_implicit.py",
         PACKAGE_DIR / "_distributed.py",
+        PACKAGE_DIR / "_allocator.py",
         *(PACKAGE_DIR / "models").glob("*.py"),
     ]
 )
