@@ -14,8 +14,8 @@ reused: measured on the 2-core AMD VM, one fresh process each, a step
 the process (up to ``trim_threshold`` at the top of the heap) instead of going
 back to the system.
 
-This is a process-wide setting, so skmetavi never applies it on import or in
-an estimator; the command line (``skmetavi demo``, ``skmetavi reproduce``)
+This is a fixed process-wide setting, so skmetavi never applies it on import
+or in an estimator; the command line (``skmetavi demo``, ``skmetavi reproduce``)
 does, for the processes it owns.
 
 What the engine does by itself, once per process, before its first CPU run
@@ -29,7 +29,9 @@ AMD VM, one fresh process each, a compiled BNN step at N = 1000 3.8 -> 2.0 ms
 single-task meta-iterations 1.58 -> 1.23 s (as with :func:`tune_allocator`),
 a batched one 1.27 -> 1.08 s (1.02 s with :func:`tune_allocator`, whose trim
 threshold is 1 GiB).  The cost: up to about 62 MiB freed at the top of the
-heap stays with the process.  It does nothing where the C library is not
+heap stays with the process, and blocks up to 31 MiB come from the heap
+(freed gaps below its top are kept for reuse, not returned), as after any
+program's first large free.  It does nothing where the C library is not
 glibc, where the environment sets glibc's thresholds (``MALLOC_*``,
 ``glibc.malloc.*``) and after ``mallopt`` (:func:`tune_allocator`), which
 switches glibc's dynamic threshold off.  The same effect without code, for any
@@ -100,7 +102,8 @@ def adapt_heap(device):
     raises its mmap threshold to that size and its trim threshold to twice
     it (its documented dynamic behaviour, see ``mallopt(3)``), so that the
     multi-megabyte buffers a VI step frees are reused instead of coming back
-    as fresh zero-filled pages.  No ``mallopt`` call, no page touched.  The
+    as fresh zero-filled pages.  No ``mallopt`` call; only the block's header
+    page is written.  The
     engine calls it when a run or a meta-trainer starts.
 
     Parameters
@@ -187,6 +190,8 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
         warnings.warn("tune_allocator: glibc's mallopt refused the thresholds "
                       f"({mmap_threshold}, {trim_threshold}).", RuntimeWarning, stacklevel=2)
         return False
+    global _adapted
+    _adapted = True  # fixed thresholds: adapt_heap's block would change nothing
     if environ:
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(int(mmap_threshold)))
         os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(int(trim_threshold)))

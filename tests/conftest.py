@@ -33,6 +33,7 @@ def malloc_settings_cleared(monkeypatch):
     """
     from skmetavi import _allocator
 
+    monkeypatch.setattr(_allocator, "_adapted", _allocator._adapted)  # restored after the test
     for name in (*_allocator._USER_SETTINGS, "GLIBC_TUNABLES"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)

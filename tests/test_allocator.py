@@ -176,6 +176,11 @@ def test_mallopt_gets_the_thresholds_and_environ_keeps_the_users(monkeypatch, ma
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"  # the user's own setting stays
     assert skmetavi.tune_allocator(trim_threshold=2**31 - 1)
     assert libc.calls[-1] == (-1, 2**31 - 1)
+    n_calls = len(libc.calls)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert _allocator.adapt_heap("cpu") is False  # fixed thresholds: no block to map
+    assert len(libc.calls) == n_calls
 
 
 def test_refused_thresholds_warn(monkeypatch, malloc_settings_cleared):
