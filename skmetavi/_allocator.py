@@ -103,8 +103,7 @@ def adapt_heap(device):
     it (its documented dynamic behaviour, see ``mallopt(3)``), so that the
     multi-megabyte buffers a VI step frees are reused instead of coming back
     as fresh zero-filled pages.  No ``mallopt`` call; only the block's header
-    page is written.  The
-    engine calls it when a run or a meta-trainer starts.
+    page is written.  The engine calls it when a run or a meta-trainer starts.
 
     Parameters
     ----------
@@ -172,6 +171,7 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
     >>> skmetavi.tune_allocator()  # doctest: +SKIP
     True
     """
+    global _adapted
     for name, value, top, why in (
             ("mmap_threshold", mmap_threshold, MAX_MMAP_THRESHOLD, "glibc's limit on 64-bit"),
             ("trim_threshold", trim_threshold, _MAX_INT, "mallopt takes a C int")):
@@ -190,7 +190,6 @@ def tune_allocator(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=2**30, *, e
         warnings.warn("tune_allocator: glibc's mallopt refused the thresholds "
                       f"({mmap_threshold}, {trim_threshold}).", RuntimeWarning, stacklevel=2)
         return False
-    global _adapted
     _adapted = True  # fixed thresholds: adapt_heap's block would change nothing
     if environ:
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(int(mmap_threshold)))

@@ -42,9 +42,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
 _NAMES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def _faults(mode):
+def _env_without_malloc_settings():
+    """This process's environment less glibc's malloc settings, for a child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def _faults(mode):
+    env = _env_without_malloc_settings()
     if mode == "env":  # what tune_allocator(environ=True) hands to later processes
         env.update(zip(_NAMES, (str(_allocator.MAX_MMAP_THRESHOLD), str(2**30))))
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, capture_output=True,
@@ -107,10 +113,9 @@ print(before, faults())
 @needs_glibc
 def test_adapted_heap_reuses_a_steps_freed_buffers():
     # Measured: 190-460 faults per step before, 5-24 after (five fresh processes).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-c", _ADAPT_CHILD], env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _ADAPT_CHILD],
+                         env=_env_without_malloc_settings(), capture_output=True, text=True,
+                         check=True)
     before, after = map(float, out.stdout.split())
     if before < 100:  # something in this process's start already raised glibc's thresholds
         pytest.skip(f"no page faults to remove here ({before} per step before)")
